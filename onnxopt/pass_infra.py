@@ -1,0 +1,178 @@
+"""Pass infrastructure: passes, their results, and the manager that runs a pipeline.
+
+Shaped after onnx_ir's pass infra: a pass is a small class with one ``call(model)``
+returning a ``PassResult``; optional ``requires``/``ensures`` checks; pass-specific
+outputs (ranges, scores, bit assignments) travel in subclasses of ``PassResult``.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import onnx
+from pydantic import BaseModel, ConfigDict
+
+from onnxopt.checks import check_model
+from onnxopt.errors import OnnxoptError, PassError, PreconditionError
+from onnxopt.graph import initializer_bytes, op_histogram
+from onnxopt.progress import SILENT, Progress
+
+
+class PassConfig(BaseModel):
+    """Base of every pass's static config; subclasses fix ``type`` to their pass name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: str
+
+
+@dataclass
+class PassResult:
+    model: onnx.ModelProto
+    modified: bool
+    # JSON-serialisable summary for the report (counts, names); keep it small.
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What a run provides to passes beyond the model: data, caches, progress."""
+
+    calibration: Any = None  # onnxopt.data.DataSource, when --calib is given
+    validation: Any = None
+    labels: Any = None
+    cache_dir: Path | None = None
+    workers: int = 1
+    seed: int = 0
+    progress: Progress = field(default_factory=lambda: SILENT)
+
+
+class Pass(abc.ABC):
+    """A graph pass. Subclasses set ``name``, ``summary`` and ``Config`` and implement ``call``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type[PassConfig]]
+    # Things the run must provide, e.g. {"calibration"}; checked before the pass runs.
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config: PassConfig | None = None, context: PassContext | None = None):
+        self.config = config if config is not None else self.Config(type=self.name)
+        if self.config.type != self.name:
+            raise ValueError(f"config of type {self.config.type!r} given to pass {self.name!r}")
+        self.context = context if context is not None else PassContext()
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        """Raise ``PreconditionError`` if the pass cannot run on ``model``."""
+        for need in sorted(self.needs):
+            if getattr(self.context, need, None) is None:
+                raise PreconditionError(f"needs {need} data (pass it with --calib)" if need == "calibration"
+                                        else f"needs {need} data")
+
+    def ensures(self, model: onnx.ModelProto) -> None:
+        """Raise ``PreconditionError`` if the pass's promise does not hold on its output."""
+
+    @abc.abstractmethod
+    def call(self, model: onnx.ModelProto) -> PassResult: ...
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        self.requires(model)
+        result = self.call(model)
+        self.ensures(result.model)
+        return result
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+@dataclass
+class PassRecord:
+    """What one pass did in a pipeline run (goes into the report)."""
+
+    name: str
+    config: dict[str, Any]
+    modified: bool
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    initializer_bytes_before: int
+    initializer_bytes_after: int
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PipelineResult:
+    model: onnx.ModelProto
+    records: list[PassRecord]
+    results: list[PassResult]
+
+    @property
+    def modified(self) -> bool:
+        return any(r.modified for r in self.records)
+
+
+class PassManager:
+    """Runs passes in order, checking the model after each and recording what changed."""
+
+    def __init__(self, passes: list[Pass], *, check: bool = True, progress: Progress | None = None):
+        self.passes = list(passes)
+        self.check = check
+        self.progress = progress or SILENT
+
+    def run(self, model: onnx.ModelProto) -> PipelineResult:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)  # the caller's model is never modified
+        records: list[PassRecord] = []
+        results: list[PassResult] = []
+        ran: list[str] = []
+        total = len(self.passes)
+        for step, p in enumerate(self.passes, 1):
+            ops_before = op_histogram(work.graph)
+            nodes_before = len(work.graph.node)
+            bytes_before = initializer_bytes(work.graph)
+            self.progress.message(f"[{step}/{total}] {p.name}")
+            start = time.perf_counter()
+            try:
+                result = p(work)
+                if self.check:
+                    check_model(result.model)
+            except OnnxoptError as exc:
+                raise self._named(p, step, ran, exc) from exc
+            except Exception as exc:  # a bug in a pass must still name the pass
+                raise self._named(p, step, ran, exc, internal=True) from exc
+            seconds = time.perf_counter() - start
+            work = result.model
+            records.append(
+                PassRecord(
+                    name=p.name,
+                    config=p.config.model_dump(),
+                    modified=result.modified,
+                    seconds=seconds,
+                    nodes_before=nodes_before,
+                    nodes_after=len(work.graph.node),
+                    ops_before=ops_before,
+                    ops_after=op_histogram(work.graph),
+                    initializer_bytes_before=bytes_before,
+                    initializer_bytes_after=initializer_bytes(work.graph),
+                    details=result.details,
+                )
+            )
+            results.append(result)
+            ran.append(p.name)
+        return PipelineResult(model=work, records=records, results=results)
+
+    @staticmethod
+    def _named(p: Pass, step: int, ran: list[str], exc: BaseException, internal: bool = False) -> PassError:
+        before = ", ".join(ran) if ran else "nothing"
+        what = f"{type(exc).__name__}: " if internal else ""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return PassError(f"pass '{p.name}' (step {step}, after {before}) failed: {what}{first}",
+                         pass_name=p.name, ran_before=list(ran))
