@@ -74,6 +74,7 @@ class Pass(abc.ABC):
 
     def ensures(self, model: onnx.ModelProto) -> None:
         """Raise ``PreconditionError`` if the pass's promise does not hold on its output."""
+        return None
 
     @abc.abstractmethod
     def call(self, model: onnx.ModelProto) -> PassResult: ...

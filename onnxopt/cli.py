@@ -1,0 +1,211 @@
+"""`onnxopt` command line: a thin layer over onnxopt.optimize; no logic lives here.
+
+Exit codes: 0 success / gate passed, 1 gate failed, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from onnxopt.errors import GateFailed, OnnxoptError
+from onnxopt.progress import Progress
+
+EXIT_GATE_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class _Group(click.Group):
+    """Turns every error into one line and an exit code; never a traceback (unless ONNXOPT_DEBUG=1)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GateFailed as exc:
+            click.echo(f"gate failed: {exc}", err=True)
+            sys.exit(EXIT_GATE_FAILED)
+        except OnnxoptError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
+            if os.environ.get("ONNXOPT_DEBUG"):
+                traceback.print_exc()
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            click.echo(f"error: internal error ({type(exc).__name__}: {first}); "
+                       "set ONNXOPT_DEBUG=1 for the traceback", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(enabled=not quiet)
+
+
+def _command_line() -> str:
+    return "onnxopt " + " ".join(sys.argv[1:])
+
+
+_gate_options = [
+    click.option("--max-abs-error", type=float, help="Gate: max |reference - candidate|."),
+    click.option("--max-mean-abs-error", type=float, help="Gate: mean |reference - candidate|."),
+    click.option("--min-cosine", type=float, help="Gate: lowest per-sample cosine similarity."),
+    click.option("--min-sqnr-db", type=float, help="Gate: lowest SQNR in dB."),
+    click.option("--min-top1-agreement", "min_top1_agreement_pct", type=float,
+                 help="Gate: lowest top-1 agreement with the reference, in %."),
+    click.option("--max-accuracy-drop", "max_accuracy_drop_pt", type=float,
+                 help="Gate: largest accuracy drop in points (needs --labels)."),
+]
+
+
+def gate_options(f):
+    for opt in reversed(_gate_options):
+        f = opt(f)
+    return f
+
+
+def _gate(kwargs: dict) -> dict:
+    keys = ("max_abs_error", "max_mean_abs_error", "min_cosine", "min_sqnr_db", "min_top1_agreement_pct",
+            "max_accuracy_drop_pt")
+    return {k: kwargs.pop(k) for k in keys}
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxopt")
+def main():
+    """Optimize trained ONNX models and check them against ONNX Runtime."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the model.")
+@click.option("-r", "--recipe", default="cleanup", show_default=True, help="Preset name or recipe file (YAML/JSON).")
+@click.option("--calib", type=click.Path(), help="Calibration data: .npz, folder of .npz, or image folder.")
+@click.option("--val", type=click.Path(), help="Validation data; runs the gate after optimizing.")
+@click.option("--labels", type=click.Path(dir_okay=False), help="Labels for --val (.npy, or CSV file,class_index).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Write report.json/.md and junit.xml here.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for running data (default: recipe's).")
+@click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails.")
+@gate_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress or tables, only errors.")
+def optimize(model, output, recipe, calib, val, labels, report_dir, batch_size, force, keep_failed, quiet, **kw):
+    """Run a recipe's passes on MODEL, then the validation gate when --val is given."""
+    from onnxopt.optimize import optimize as run
+    from onnxopt.report import gate_table, summary_table
+
+    result = run(model, output, recipe=recipe, calib=calib, val=val, labels=labels, report_dir=report_dir,
+                 gate=_gate(kw), force=force, keep_failed=keep_failed, batch_size=batch_size,
+                 progress=_progress(quiet), command=_command_line())
+    if not quiet:
+        click.echo(summary_table(result.before, result.after, result.pipeline))
+        if result.validation is not None:
+            click.echo(gate_table(result.validation))
+        for path in result.reports:
+            click.echo(f"report: {path}")
+        if result.output is not None:
+            click.echo(f"wrote {result.output}")
+    if not result.passed:
+        note = "" if result.output is not None else f"; {output} not written (--keep-failed writes it anyway)"
+        raise GateFailed(f"{_failed(result.validation)}{note}")
+
+
+def _failed(report) -> str:
+    bad = [c.name for c in report.checks if not c.passed]
+    return f"{len(bad)} check(s) failed: {', '.join(bad)}"
+
+
+@main.command()
+@click.argument("reference", type=click.Path(dir_okay=False))
+@click.argument("candidate", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(), help=".npz, folder of .npz, or image folder.")
+@click.option("--labels", type=click.Path(dir_okay=False), help="Labels (.npy, or CSV file,class_index).")
+@click.option("-r", "--recipe", help="Preset or recipe file whose gate/data sections apply.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Write report.json/.md and junit.xml here.")
+@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]),
+              help="ONNX Runtime graph-optimization level for both models.")
+@gate_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress or tables, only the verdict.")
+def validate(reference, candidate, data, labels, recipe, report_dir, batch_size, opt_level, quiet, **kw):
+    """Run REFERENCE and CANDIDATE in ONNX Runtime on the same inputs and apply the gate."""
+    from onnxopt.optimize import validate_files
+    from onnxopt.report import gate_table
+
+    report = validate_files(reference, candidate, data, labels=labels, recipe=recipe, gate=_gate(kw),
+                            report_dir=report_dir, batch_size=batch_size, opt_level=opt_level,
+                            progress=_progress(quiet), command=_command_line())
+    if not quiet:
+        click.echo(gate_table(report))
+        if report_dir:
+            click.echo(f"report: {report_dir}")
+    if not report.checks and not quiet:
+        click.echo("no thresholds given (flags or recipe gate): metrics reported, nothing checked")
+    if not report.passed:
+        raise GateFailed(_failed(report))
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(model, as_json):
+    """Show MODEL's opset, inputs/outputs, op histogram, parameters, size and quantized tensors."""
+    from onnxopt.inspect import summarize
+    from onnxopt.model_io import load_model
+
+    s = summarize(load_model(model))
+    if as_json:
+        click.echo(json.dumps(s.to_dict(), indent=2, sort_keys=True))
+        return
+    click.echo(f"{model}")
+    click.echo(f"  ir {s.ir_version}, opset {', '.join(f'{d} {v}' for d, v in s.opset.items())}"
+               + (f", producer {s.producer}" if s.producer else ""))
+    for kind, specs in (("input", s.inputs), ("output", s.outputs)):
+        for t in specs:
+            dims = ", ".join("?" if d is None else str(d) for d in t.shape)
+            click.echo(f"  {kind:<6} {t.name}: {t.dtype} [{dims}]")
+    click.echo(f"  nodes {s.nodes}, parameters {s.parameters:,}, initializers {s.initializer_bytes / 1e6:.2f} MB, "
+               f"serialized {s.serialized_bytes / 1e6:.2f} MB")
+    click.echo("  ops: " + ", ".join(f"{op} {n}" for op, n in sorted(s.ops.items(), key=lambda kv: -kv[1])))
+    click.echo("  initializer dtypes: " + ", ".join(f"{d} {n}" for d, n in s.dtypes.items()))
+    if s.quantized_tensors:
+        click.echo(f"  quantized tensors ({len(s.quantized_tensors)}):")
+        for name, how in s.quantized_tensors.items():
+            click.echo(f"    {name}: {how}")
+    else:
+        click.echo("  quantized tensors: none")
+
+
+@main.command()
+@click.option("--show", metavar="NAME", help="Print one preset's full recipe (YAML).")
+def recipes(show):
+    """List the built-in presets (one line each) and the available passes."""
+    from onnxopt.recipe import list_presets, load_preset
+    from onnxopt.registry import available_passes
+
+    if show:
+        import yaml
+
+        click.echo(yaml.safe_dump(load_preset(show).to_dict(), sort_keys=False).rstrip())
+        return
+    presets = list_presets()
+    width = max(len(n) for n, _ in presets)
+    click.echo("Presets (use with -r NAME):")
+    for name, desc in presets:
+        click.echo(f"  {name:<{width}}  {desc}")
+    passes = available_passes()
+    width = max(len(n) for n in passes)
+    click.echo("\nPasses (use in a recipe as `- type: NAME`):")
+    for name, cls in passes.items():
+        click.echo(f"  {name:<{width}}  {cls.summary}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The two jobs users run: optimize a model with a recipe, and validate a candidate against a reference.
+
+The CLI is a thin layer over these functions; they are the Python API as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from onnxopt.errors import OnnxoptError
+from onnxopt.inspect import ModelSummary, summarize
+from onnxopt.model_io import load_model, save_model
+from onnxopt.pass_infra import PassContext, PassManager, PipelineResult
+from onnxopt.progress import SILENT, Progress
+from onnxopt.recipe import GateConfig, Recipe, load_recipe
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    pipeline: PipelineResult
+    before: ModelSummary
+    after: ModelSummary
+    recipe: Recipe
+    validation: object | None = None  # onnxopt.validate.ValidationReport
+    output: Path | None = None
+    reports: list[Path] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.validation is None or self.validation.passed
+
+
+def _recipe(recipe: Recipe | str | Path | None) -> Recipe:
+    if recipe is None:
+        return load_recipe("cleanup")
+    if isinstance(recipe, Recipe):
+        return recipe
+    return load_recipe(recipe)
+
+
+def merge_gate(gate: GateConfig, overrides: dict | None) -> GateConfig:
+    """Thresholds given on the command line win over the recipe's."""
+    extra = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return gate.model_copy(update=extra) if extra else gate
+
+
+def _check_output_path(output: Path, force: bool, source: Path) -> None:
+    if output.resolve() == source.resolve():
+        raise OnnxoptError(f"{output}: output would overwrite the input model; choose another path")
+    if output.exists() and not force:
+        raise OnnxoptError(f"{output}: output exists; pass --force to overwrite")
+    if output.is_dir():
+        raise OnnxoptError(f"{output}: output is a directory")
+    if not output.parent.is_dir():
+        raise OnnxoptError(f"{output.parent}: output folder does not exist")
+
+
+def optimize(
+    model_path: str | Path,
+    output: str | Path | None = None,
+    *,
+    recipe: Recipe | str | Path | None = None,
+    calib: str | Path | None = None,
+    val: str | Path | None = None,
+    labels: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    gate: dict | None = None,
+    force: bool = False,
+    keep_failed: bool = False,
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+    command: str | None = None,
+) -> OptimizeResult:
+    """Run ``recipe`` on the model at ``model_path``; validate on ``val`` if given; save to ``output``.
+
+    When the gate fails the output model is not written (unless ``keep_failed``), so a
+    later pipeline step cannot pick up a rejected model; reports are written either way.
+    """
+    from onnxopt.data import load_labels, open_data
+
+    progress = progress or SILENT
+    model_path = Path(model_path)
+    rec = _recipe(recipe)
+    if output is not None:
+        _check_output_path(Path(output), force, model_path)
+    if labels is not None and val is None:
+        raise OnnxoptError("--labels needs --val (the labels belong to the validation data)")
+    original = load_model(model_path)
+    context = PassContext(progress=progress)
+    if calib is not None:
+        context.calibration = open_data(calib, original, rec.data)
+    val_data = open_data(val, original, rec.data) if val is not None else None
+    val_labels = load_labels(labels, val_data) if labels is not None else None
+    context.validation = val_data
+    context.labels = val_labels
+
+    passes = rec.build_passes(context)
+    pipeline = PassManager(passes, progress=progress).run(original)
+    result = OptimizeResult(
+        model=pipeline.model,
+        pipeline=pipeline,
+        before=summarize(original),
+        after=summarize(pipeline.model),
+        recipe=rec,
+    )
+    if val_data is not None:
+        from onnxopt.validate import validate
+
+        result.validation = validate(
+            original,
+            pipeline.model,
+            val_data,
+            labels=val_labels,
+            gate=merge_gate(rec.gate, gate),
+            batch_size=batch_size or rec.data.batch_size,
+            progress=progress,
+        )
+    if report_dir is not None:
+        from onnxopt.report import write_reports
+
+        result.reports = write_reports(
+            report_dir,
+            validation=result.validation,
+            pipeline=pipeline,
+            before=result.before,
+            after=result.after,
+            recipe=rec.to_dict(),
+            command=command,
+        )
+    if output is not None and (result.passed or keep_failed):
+        result.output = save_model(pipeline.model, output, force=force)
+    return result
+
+
+def validate_files(
+    reference: str | Path,
+    candidate: str | Path,
+    data: str | Path,
+    *,
+    labels: str | Path | None = None,
+    recipe: Recipe | str | Path | None = None,
+    gate: dict | None = None,
+    report_dir: str | Path | None = None,
+    batch_size: int | None = None,
+    opt_level: str | None = None,
+    progress: Progress | None = None,
+    command: str | None = None,
+):
+    """Compare ``candidate`` with ``reference`` on ``data``; returns a ValidationReport."""
+    from onnxopt.data import load_labels, open_data
+    from onnxopt.validate import validate
+
+    rec = _recipe(recipe) if recipe is not None else Recipe()
+    ref = load_model(reference)
+    cand = load_model(candidate)
+    source = open_data(data, ref, rec.data)
+    lab = load_labels(labels, source) if labels is not None else None
+    kwargs = {"opt_level": opt_level} if opt_level else {}
+    report = validate(
+        ref,
+        cand,
+        source,
+        labels=lab,
+        gate=merge_gate(rec.gate, gate),
+        batch_size=batch_size or rec.data.batch_size,
+        progress=progress or SILENT,
+        **kwargs,
+    )
+    if report_dir is not None:
+        from onnxopt.report import write_reports
+
+        write_reports(report_dir, validation=report, before=summarize(ref), after=summarize(cand),
+                      recipe=rec.to_dict() if recipe is not None else None, command=command)
+    return report

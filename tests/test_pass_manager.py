@@ -1,0 +1,134 @@
+from typing import Literal
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxopt.errors import PassError, PreconditionError
+from onnxopt.pass_infra import Pass, PassConfig, PassContext, PassManager, PassResult
+
+
+def _model() -> onnx.ModelProto:
+    nodes = [helper.make_node("Identity", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.ones(6, np.float32), "unused")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+class _NoopConfig(PassConfig):
+    type: Literal["noop"] = "noop"
+
+
+class Noop(Pass):
+    name = "noop"
+    Config = _NoopConfig
+
+    def call(self, model):
+        return PassResult(model, False)
+
+
+class _DropConfig(PassConfig):
+    type: Literal["drop-initializers"] = "drop-initializers"
+
+
+class DropInitializers(Pass):
+    name = "drop-initializers"
+    Config = _DropConfig
+
+    def call(self, model):
+        n = len(model.graph.initializer)
+        del model.graph.initializer[:]
+        return PassResult(model, n > 0, {"removed": n})
+
+
+class _BreakConfig(PassConfig):
+    type: Literal["break-graph"] = "break-graph"
+
+
+class BreakGraph(Pass):
+    """Leaves a dangling input behind: the manager's checker must catch it."""
+
+    name = "break-graph"
+    Config = _BreakConfig
+
+    def call(self, model):
+        model.graph.node[1].input[0] = "nowhere"
+        return PassResult(model, True)
+
+
+class _CrashConfig(PassConfig):
+    type: Literal["crash"] = "crash"
+
+
+class Crash(Pass):
+    name = "crash"
+    Config = _CrashConfig
+
+    def call(self, model):
+        raise ZeroDivisionError("boom")
+
+
+class _NeedsConfig(PassConfig):
+    type: Literal["needs-calib"] = "needs-calib"
+
+
+class NeedsCalib(Pass):
+    name = "needs-calib"
+    Config = _NeedsConfig
+    needs = frozenset({"calibration"})
+
+    def call(self, model):
+        return PassResult(model, False)
+
+
+def test_records_what_each_pass_changed():
+    model = _model()
+    original = model.SerializeToString()
+    result = PassManager([Noop(), DropInitializers()]).run(model)
+    assert model.SerializeToString() == original  # the input model is never modified
+    noop, drop = result.records
+    assert (noop.name, noop.modified, drop.name, drop.modified) == ("noop", False, "drop-initializers", True)
+    assert drop.initializer_bytes_before == 24 and drop.initializer_bytes_after == 0
+    assert drop.ops_before == drop.ops_after == {"Identity": 1, "Relu": 1}
+    assert drop.nodes_before == drop.nodes_after == 2
+    assert drop.details == {"removed": 1}
+    assert drop.seconds >= 0 and result.modified
+    assert len(result.model.graph.initializer) == 0
+
+
+def test_invalid_model_after_a_pass_names_the_pass_and_history():
+    with pytest.raises(PassError) as info:
+        PassManager([Noop(), DropInitializers(), BreakGraph()]).run(_model())
+    msg = str(info.value)
+    assert "pass 'break-graph' (step 3, after noop, drop-initializers)" in msg
+    assert "nowhere" in msg
+    assert info.value.pass_name == "break-graph"
+    assert info.value.ran_before == ["noop", "drop-initializers"]
+
+
+def test_crash_in_a_pass_is_named():
+    with pytest.raises(PassError, match=r"pass 'crash' \(step 1, after nothing\) failed: ZeroDivisionError: boom"):
+        PassManager([Crash()]).run(_model())
+
+
+def test_missing_calibration_is_a_clear_precondition_error():
+    with pytest.raises(PassError, match="needs calibration data"):
+        PassManager([NeedsCalib()]).run(_model())
+    with pytest.raises(PreconditionError):
+        NeedsCalib()(_model())
+    assert NeedsCalib(context=PassContext(calibration=object()))(_model()).modified is False
+
+
+def test_check_can_be_disabled():
+    result = PassManager([BreakGraph()], check=False).run(_model())
+    assert result.model.graph.node[1].input[0] == "nowhere"
+
+
+def test_config_type_must_match_pass():
+    with pytest.raises(ValueError, match="given to pass"):
+        Noop(_DropConfig())
