@@ -11,7 +11,7 @@ import abc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import onnx
 from pydantic import BaseModel, ConfigDict
@@ -37,6 +37,9 @@ class PassResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+R = TypeVar("R", bound=PassResult)
+
+
 @dataclass
 class PassContext:
     """What a run provides to passes beyond the model: data, caches, progress."""
@@ -48,6 +51,16 @@ class PassContext:
     workers: int = 1
     seed: int = 0
     progress: Progress = field(default_factory=lambda: SILENT)
+    # Results of the passes that already ran in this pipeline, in order: a pass that consumes
+    # another's output (e.g. QDQ insertion reading calibration ranges) asks for it explicitly.
+    results: list[PassResult] = field(default_factory=list)
+
+    def latest(self, kind: type[R]) -> R | None:
+        """The most recent result of type ``kind`` from an earlier pass, if any."""
+        for r in reversed(self.results):
+            if isinstance(r, kind):
+                return r
+        return None
 
 
 class Pass(abc.ABC):
@@ -133,6 +146,8 @@ class PassManager:
         work.CopyFrom(model)  # the caller's model is never modified
         records: list[PassRecord] = []
         results: list[PassResult] = []
+        for p in self.passes:
+            p.context.results = results  # every pass of this run sees the results so far
         ran: list[str] = []
         total = len(self.passes)
         for step, p in enumerate(self.passes, 1):

@@ -132,3 +132,26 @@ def test_check_can_be_disabled():
 def test_config_type_must_match_pass():
     with pytest.raises(ValueError, match="given to pass"):
         Noop(_DropConfig())
+
+
+class _ReaderConfig(PassConfig):
+    type: Literal["reader"] = "reader"
+
+
+class Reader(Pass):
+    """Consumes the result of an earlier pass through the run's context, not a global."""
+
+    name = "reader"
+    Config = _ReaderConfig
+
+    def call(self, model):
+        earlier = self.context.latest(PassResult)
+        return PassResult(model, False, {"saw": earlier.details if earlier else None})
+
+
+def test_later_passes_see_earlier_results_of_the_same_run_only():
+    manager = PassManager([DropInitializers(), Reader()])
+    first = manager.run(_model())
+    assert first.records[1].details == {"saw": {"removed": 1}}
+    alone = PassManager([Reader()]).run(_model())
+    assert alone.records[0].details == {"saw": None}
