@@ -118,7 +118,7 @@ def optimize(model, output, recipe, calib, val, labels, report_dir, batch_size, 
 
 
 def _failed(report) -> str:
-    bad = [c.name for c in report.checks if not c.passed]
+    bad = [c.name for c in report.failed_checks]
     return f"{len(bad)} check(s) failed: {', '.join(bad)}"
 
 

@@ -1,0 +1,165 @@
+"""Running models with ONNX Runtime (CPU execution provider only).
+
+Default graph-optimization level: ``"all"`` (``ORT_ENABLE_ALL``), for two reasons:
+
+* it is ONNX Runtime's own default for ``InferenceSession``, so the gate measures the numbers a
+  deployment of the optimized model will actually produce;
+* a quantized (QDQ) candidate only runs on integer kernels when ORT fuses its
+  DequantizeLinear -> op -> QuantizeLinear groups, which happens in the *extended* level and
+  above. With optimizations off, ORT dequantizes and runs the float op, which simulates
+  quantization but hides the integer kernels' rounding/saturation (e.g. u8s8 overflow on
+  AVX2 without VNNI) that a deployment would see.
+
+Levels: ``disable``, ``basic``, ``extended``, ``layout`` (onnxruntime >= 1.22) and ``all``.
+Reference and candidate always run at the same level, and the level is written in the report.
+``"disable"`` is useful to compare against the ONNX spec semantics when debugging a pass (ORT's
+own fusions can hide, or cause, small differences).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxopt.errors import OnnxoptError
+from onnxopt.model_io import PROTOBUF_LIMIT, save_model
+from onnxopt.progress import SILENT
+
+OPT_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+if hasattr(ort.GraphOptimizationLevel, "ORT_ENABLE_LAYOUT"):  # onnxruntime >= 1.22
+    OPT_LEVELS = {**dict(list(OPT_LEVELS.items())[:3]),
+                  "layout": ort.GraphOptimizationLevel.ORT_ENABLE_LAYOUT, "all": OPT_LEVELS["all"]}
+DEFAULT_OPT_LEVEL = "all"
+PROVIDERS = ["CPUExecutionProvider"]
+
+
+def ort_version() -> str:
+    return ort.__version__
+
+
+def _ort_message(exc: BaseException) -> str:
+    """First meaningful line of an onnxruntime error, without the '[ONNXRuntimeError] : 1 : FAIL :' prefix."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if text.startswith("[ONNXRuntimeError]"):
+        parts = text.split(" : ", 3)
+        if len(parts) == 4:
+            text = f"{parts[2]}: {parts[3]}"
+    return text[:400]
+
+
+def session_options(opt_level: str = DEFAULT_OPT_LEVEL, threads: int | None = None) -> ort.SessionOptions:
+    if opt_level not in OPT_LEVELS:
+        raise OnnxoptError(f"unknown optimization level {opt_level!r} (choose: {', '.join(OPT_LEVELS)})")
+    if threads is not None and threads < 1:
+        raise OnnxoptError(f"threads must be at least 1 (got {threads})")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = OPT_LEVELS[opt_level]
+    so.log_severity_level = 3  # errors only; warnings about unused initializers etc. are noise here
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+def make_session(model: onnx.ModelProto, *, opt_level: str = DEFAULT_OPT_LEVEL, threads: int | None = None,
+                 what: str = "model") -> ort.InferenceSession:
+    """An ORT CPU session for ``model`` (from memory; via a temporary external-data file above 2 GB).
+
+    ``what`` names the model in errors ("onnxruntime cannot load candidate: ...").
+    """
+    so = session_options(opt_level, threads)
+    tmp = None
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            tmp = tempfile.TemporaryDirectory(prefix="onnxopt-ort-", ignore_cleanup_errors=True)
+            path = save_model(model, Path(tmp.name) / "model.onnx", external_data=True)
+            session = ort.InferenceSession(str(path), so, providers=PROVIDERS)
+        else:
+            session = ort.InferenceSession(model.SerializeToString(), so, providers=PROVIDERS)
+    except OnnxoptError:
+        if tmp is not None:
+            tmp.cleanup()
+        raise
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind exception types
+        if tmp is not None:
+            tmp.cleanup()
+        raise OnnxoptError(f"onnxruntime cannot load {what}: {_ort_message(exc)}") from None
+    if tmp is not None:
+        session._onnxopt_tmpdir = tmp  # external data must outlive the session on some platforms
+    session._onnxopt_what = what
+    session._onnxopt_opt_level = opt_level
+    return session
+
+
+def static_batch(session: ort.InferenceSession) -> int | None:
+    """The smallest static leading dim among the session's inputs (None if all are symbolic)."""
+    dims = [i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0]
+    return min(dims) if dims else None
+
+
+def run_batch(session: ort.InferenceSession, feed: dict[str, np.ndarray], outputs: list[str] | None = None, *,
+              what: str | None = None, first_sample: int | None = None) -> dict[str, np.ndarray]:
+    """One ``session.run``; returns {output name: value}. ORT failures become one-line ``OnnxoptError``.
+
+    A model with a static batch dim B > 1 given a final, smaller batch of n samples is run on the
+    batch padded to B (the last sample repeated); outputs whose leading dim is B are cut back to n.
+    """
+    names = outputs if outputs is not None else [o.name for o in session.get_outputs()]
+    what = what or getattr(session, "_onnxopt_what", "model")
+    n = next(iter(feed.values())).shape[0] if feed else 0
+    fixed = static_batch(session)
+    pad = fixed - n if fixed and 0 < n < fixed else 0
+    if pad:
+        feed = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in feed.items()}
+    try:
+        values = session.run(names, feed)
+    except Exception as exc:  # noqa: BLE001
+        where = f" on the batch starting at sample {first_sample}" if first_sample is not None else ""
+        raise OnnxoptError(f"onnxruntime failed running {what}{where}: {_ort_message(exc)}") from None
+    if pad:
+        values = [v[:n] if isinstance(v, np.ndarray) and v.ndim and v.shape[0] == fixed else v for v in values]
+    return dict(zip(names, values, strict=True))
+
+
+def run(session: ort.InferenceSession, data, *, batch_size: int, outputs: list[str] | None = None,
+        progress=None, what: str | None = None) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Run ``session`` over ``data`` (a ``DataSource``) batch by batch, yielding (batch inputs, outputs).
+
+    ``batch_size`` is clamped to the model's static batch dim (``data.effective_batch_size``).
+    """
+    what = what or getattr(session, "_onnxopt_what", "model")
+    known = [o.name for o in session.get_outputs()]
+    if outputs is not None:
+        unknown = [o for o in outputs if o not in known]
+        if unknown:
+            raise OnnxoptError(f"{what} has no output(s) {', '.join(map(repr, unknown))} "
+                               f"(outputs: {', '.join(map(repr, known))})")
+    session_inputs = {i.name for i in session.get_inputs()}
+    missing = [n for n in session_inputs if n not in data.input_names]
+    if missing:
+        raise OnnxoptError(f"data ({data.description}) has no values for {what} input(s) "
+                           f"{', '.join(map(repr, sorted(missing)))}")
+    progress = progress or SILENT
+    fixed = static_batch(session)
+    if fixed:
+        batch_size = min(batch_size, fixed)
+    done = 0
+    with progress.task(f"running {what}", len(data)) as bar:
+        for batch in data.batches(batch_size):
+            feed = {k: v for k, v in batch.items() if k in session_inputs}
+            result = run_batch(session, feed, outputs, what=what, first_sample=done)
+            n = next(iter(batch.values())).shape[0]
+            done += n
+            bar.update(n)
+            yield batch, result
