@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 
 import click
 
@@ -23,6 +24,7 @@ class _Group(click.Group):
     """Turns every error into one line and an exit code; never a traceback (unless ONNXOPT_DEBUG=1)."""
 
     def invoke(self, ctx):
+        warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
         except GateFailed as exc:
@@ -43,6 +45,10 @@ class _Group(click.Group):
             click.echo(f"error: internal error ({type(exc).__name__}: {first}); "
                        "set ONNXOPT_DEBUG=1 for the traceback", err=True)
             sys.exit(EXIT_BAD_INPUT)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"warning: {message}", err=True)
 
 
 def _progress(quiet: bool) -> Progress:

@@ -562,8 +562,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 def open_data(path, model: onnx.ModelProto, spec: DataConfig | None = None) -> DataSource:
-    """Open ``path`` (.npz, folder of .npz, or folder of images) as data for ``model``; checks it all first."""
+    """Open ``path`` (.npz, folder of .npz, or folder of images) as data for ``model``; checks it all first.
+
+    ``random:N`` (or ``random:N:SEED``) asks explicitly for seeded random inputs, with a warning.
+    """
     spec = spec or DataConfig()
+    if isinstance(path, str) and path.startswith("random:"):
+        parts = path.split(":")
+        try:
+            n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+        except (ValueError, IndexError):
+            raise DataError(f"{path!r}: random data is written random:N or random:N:SEED") from None
+        return random_data(model, n, seed=seed)
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {str(p)!r} does not exist")

@@ -5,6 +5,7 @@ The CLI is a thin layer over these functions; they are the Python API as well.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +56,9 @@ def _check_output_path(output: Path, force: bool, source: Path) -> None:
         raise OnnxoptError(f"{output}: output exists; pass --force to overwrite")
     if output.is_dir():
         raise OnnxoptError(f"{output}: output is a directory")
-    if not output.parent.is_dir():
-        raise OnnxoptError(f"{output.parent}: output folder does not exist")
+    existing = next(p for p in [output.parent, *output.parent.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise OnnxoptError(f"{output.parent}: cannot write the output there")
 
 
 def optimize(
@@ -132,6 +134,7 @@ def optimize(
             command=command,
         )
     if output is not None and (result.passed or keep_failed):
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
         result.output = save_model(pipeline.model, output, force=force)
     return result
 

@@ -1,0 +1,222 @@
+"""Numeric helpers for linear (affine) quantization, shared by the quantization passes.
+
+Conventions (those of ONNX ``QuantizeLinear``/``DequantizeLinear``)::
+
+    q = saturate(round_half_to_even(x / scale) + zero_point)
+    x ~ (q - zero_point) * scale
+
+Scales are float32 (what the model stores); every function here computes them in float32
+so that what a pass writes into the model is exactly what it reasons about.
+
+* ``activation_params``: per-tensor scale/zero point from a float range, asymmetric by
+  default, with 0.0 always exactly representable (zero padding, ReLU, ...).
+* ``weight_params``: per-tensor or per-channel scales, symmetric by default, optionally on a
+  reduced (7-bit) range.
+* ``quantize``/``dequantize``: the two ONNX ops in numpy, broadcasting along ``axis``.
+* ``quantize_bias``: int32 bias with scale ``input_scale * weight_scale``, after
+  ``fit_weight_scale_for_bias`` has made sure it cannot overflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from onnx import TensorProto
+
+QType = Literal["uint8", "int8", "uint16", "int16", "uint4", "int4", "int32"]
+
+
+@dataclass(frozen=True)
+class QTypeInfo:
+    name: str
+    onnx_type: int
+    bits: int
+    signed: bool
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        if self.bits == 4:
+            import ml_dtypes  # onnx depends on it; needed only for 4-bit tensors
+
+            return np.dtype(ml_dtypes.int4 if self.signed else ml_dtypes.uint4)
+        return np.dtype(f"{'' if self.signed else 'u'}int{self.bits}")
+
+
+QTYPES: dict[str, QTypeInfo] = {
+    "uint8": QTypeInfo("uint8", TensorProto.UINT8, 8, False),
+    "int8": QTypeInfo("int8", TensorProto.INT8, 8, True),
+    "uint16": QTypeInfo("uint16", TensorProto.UINT16, 16, False),
+    "int16": QTypeInfo("int16", TensorProto.INT16, 16, True),
+    "uint4": QTypeInfo("uint4", TensorProto.UINT4, 4, False),
+    "int4": QTypeInfo("int4", TensorProto.INT4, 4, True),
+    "int32": QTypeInfo("int32", TensorProto.INT32, 32, True),
+}
+
+
+def qtype(name: str) -> QTypeInfo:
+    try:
+        return QTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown quantized type {name!r} (choose: {', '.join(QTYPES)})") from None
+
+
+def qrange(qt: str | QTypeInfo, *, symmetric: bool = False, reduce_range: bool = False) -> tuple[int, int]:
+    """The integer interval values are mapped to.
+
+    ``symmetric``: a range symmetric about the zero point (int8: [-127, 127], uint8: [1, 255]
+    around 128), so that +a and -a quantize to opposite values. ``reduce_range``: one bit
+    less (int8 symmetric: [-63, 63]; uint8: [0, 127]) - for kernels whose pairwise 16-bit
+    accumulation saturates with full-range operands (x86 ``vpmaddubsw`` without VNNI).
+    """
+    info = qt if isinstance(qt, QTypeInfo) else qtype(qt)
+    bits = info.bits - 1 if reduce_range else info.bits
+    if symmetric:  # same number of steps either side of the zero point
+        half = (1 << (bits - 1)) - 1
+        centre = symmetric_zero_point(info)
+        return centre - half, centre + half
+    if info.signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def symmetric_zero_point(qt: str | QTypeInfo) -> int:
+    info = qt if isinstance(qt, QTypeInfo) else qtype(qt)
+    return 0 if info.signed else 1 << (info.bits - 1)
+
+
+def activation_params(rmin: float, rmax: float, qt: str = "uint8", *, symmetric: bool = False,
+                      reduce_range: bool = False) -> tuple[np.float32, int]:
+    """Per-tensor (scale, zero_point) covering [rmin, rmax] (widened to include 0).
+
+    Asymmetric: scale = (rmax - rmin) / (qmax - qmin), zero point = round(qmin - rmin / scale),
+    so 0.0 maps exactly to the (integer) zero point. Symmetric: zero point at the middle of
+    the type (0 for signed, 128/32768 for unsigned), scale = max(|rmin|, |rmax|) / half-range.
+    A degenerate range (all zeros) gets scale 1.0.
+    """
+    rmin, rmax = min(float(rmin), 0.0), max(float(rmax), 0.0)
+    if not (np.isfinite(rmin) and np.isfinite(rmax)):
+        raise ValueError(f"range [{rmin}, {rmax}] is not finite")
+    lo, hi = qrange(qt, symmetric=symmetric, reduce_range=reduce_range)
+    if symmetric:
+        zp = symmetric_zero_point(qt)
+        absmax = max(-rmin, rmax)
+        scale = np.float32(absmax / ((hi - lo) / 2)) if absmax > 0 else np.float32(1.0)
+        return scale, zp
+    if rmax - rmin <= 0:
+        return np.float32(1.0), lo
+    scale = np.float32((rmax - rmin) / (hi - lo))
+    if scale == 0 or not np.isfinite(scale):  # below float32 resolution
+        return np.float32(1.0), lo
+    zp = int(np.clip(np.rint(lo - rmin / float(scale)), lo, hi))
+    return scale, zp
+
+
+def channel_axis_shape(ndim: int, axis: int, n: int) -> tuple[int, ...]:
+    shape = [1] * ndim
+    shape[axis] = n
+    return tuple(shape)
+
+
+def _per_axis(v: np.ndarray | float, ndim: int, axis: int | None) -> np.ndarray:
+    v = np.asarray(v)
+    if axis is None or v.ndim == 0:
+        return v
+    return v.reshape(channel_axis_shape(ndim, axis % ndim, v.size))
+
+
+def weight_params(w: np.ndarray, qt: str = "int8", *, axis: int | None = 0, symmetric: bool = True,
+                  reduce_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scales (float32) and zero points for a weight tensor: per channel along ``axis``, or per
+    tensor (0-d arrays) when ``axis`` is None.
+
+    Symmetric (default): scale = max|w| / qmax_sym, e.g. max|w| / 127 for int8 (/ 63 with
+    ``reduce_range``), zero point 0 (signed) or the middle of the type (unsigned). An all-zero
+    channel gets scale 1.0 (its values quantize to the zero point whatever the scale).
+    """
+    w = np.asarray(w, dtype=np.float32)
+    info = qtype(qt)
+    lo, hi = qrange(info, symmetric=symmetric, reduce_range=reduce_range)
+    if axis is None:
+        red = w.reshape(1, -1)
+    else:
+        red = np.moveaxis(w, axis % w.ndim, 0).reshape(w.shape[axis], -1)
+    if symmetric:
+        absmax = np.abs(red).max(axis=1).astype(np.float64) if red.size else np.zeros(red.shape[0])
+        scale = (absmax / ((hi - lo) / 2)).astype(np.float32)
+        scale[scale == 0] = 1.0
+        zp = np.full(scale.shape, symmetric_zero_point(info), dtype=np.int64)
+    else:
+        rmin = np.minimum(red.min(axis=1), 0).astype(np.float64)
+        rmax = np.maximum(red.max(axis=1), 0).astype(np.float64)
+        scale = ((rmax - rmin) / (hi - lo)).astype(np.float32)
+        scale[scale == 0] = 1.0
+        zp = np.clip(np.rint(lo - rmin / scale.astype(np.float64)), lo, hi).astype(np.int64)
+    if axis is None:
+        return scale.reshape(()), zp.reshape(())
+    return scale, zp
+
+
+def quantize(x: np.ndarray, scale, zero_point, qt: str = "uint8", *, axis: int | None = None,
+             clip: tuple[int, int] | None = None) -> np.ndarray:
+    """ONNX QuantizeLinear in numpy (round half to even, saturate to the type or ``clip``)."""
+    info = qtype(qt)
+    x = np.asarray(x, dtype=np.float32)
+    s = _per_axis(np.asarray(scale, dtype=np.float32), x.ndim, axis)
+    z = _per_axis(np.asarray(zero_point, dtype=np.int64), x.ndim, axis)
+    lo, hi = clip if clip is not None else (info.qmin, info.qmax)
+    q = np.clip(np.rint(x / s) + z, lo, hi)
+    return q.astype(info.numpy_dtype)
+
+
+def dequantize(q: np.ndarray, scale, zero_point=0, *, axis: int | None = None) -> np.ndarray:
+    """ONNX DequantizeLinear in numpy (float32)."""
+    q = np.asarray(q)
+    s = _per_axis(np.asarray(scale, dtype=np.float32), q.ndim, axis)
+    z = _per_axis(np.asarray(zero_point, dtype=np.int64), q.ndim, axis)
+    return ((q.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
+
+
+INT32_LIMIT = (1 << 31) - 1
+
+
+def fit_weight_scale_for_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray,
+                              *, headroom: float = 0.5) -> np.ndarray:
+    """Weight scales raised where needed so the int32 bias ``round(b / (s_in * s_w))`` fits.
+
+    A channel with tiny weights (or a tiny input scale) and a large bias would overflow int32;
+    such a channel gets the smallest weight scale for which |b| uses at most ``headroom`` of
+    the int32 range. Returns float32 scales of ``weight_scale``'s shape (unchanged channels are
+    bit-identical).
+    """
+    b = np.abs(np.asarray(bias, dtype=np.float64)).reshape(-1)
+    s_w = np.asarray(weight_scale, dtype=np.float32).reshape(-1).copy()
+    if s_w.size == 1 and b.size > 1:
+        s_w = np.full(b.size, s_w[0], dtype=np.float32)
+    bias_scale = np.float32(input_scale) * s_w
+    need = b / (INT32_LIMIT * headroom)
+    low = bias_scale.astype(np.float64) < need
+    if np.any(low):
+        s_w[low] = np.float32(need[low] / float(input_scale)) * np.float32(1.0 + 1e-6)
+    return s_w.reshape(np.shape(weight_scale)) if np.size(weight_scale) == s_w.size else s_w
+
+
+def quantize_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int32 bias and its float32 scale (``float32(input_scale) * weight_scale``, per channel)."""
+    b = np.asarray(bias, dtype=np.float32)
+    scale = (np.float32(input_scale) * np.asarray(weight_scale, dtype=np.float32)).astype(np.float32)
+    if scale.ndim and scale.size != b.size and scale.size == 1:
+        scale = np.full(b.shape, scale.reshape(()), dtype=np.float32)
+    q = np.rint(b.astype(np.float64) / scale.reshape(b.shape if scale.ndim else ()).astype(np.float64))
+    if np.any(np.abs(q) > INT32_LIMIT):
+        raise ValueError("bias does not fit int32 at this scale (call fit_weight_scale_for_bias first)")
+    return q.astype(np.int32), scale
