@@ -180,9 +180,11 @@ class GraphIndex:
         doomed = {id(n) for n in nodes}
         if not doomed:
             return
-        keep = [n for n in self.graph.node if id(n) not in doomed]
-        del self.graph.node[:]
-        self.graph.node.extend(keep)
+        # Delete in place, from the back: rebuilding the list would copy every node and leave the
+        # caller's references to the surviving nodes pointing at detached copies.
+        for i in reversed(range(len(self.graph.node))):
+            if id(self.graph.node[i]) in doomed:
+                del self.graph.node[i]
         self.refresh()
 
     def insert_before(self, anchor: onnx.NodeProto, new_nodes: list[onnx.NodeProto]) -> None:
@@ -194,7 +196,8 @@ class GraphIndex:
         self.refresh()
 
     def prune_unused_initializers(self) -> int:
-        used = set(self.consumers) | self.graph_outputs
+        """Drop initializers nothing reads; those that are graph inputs are overridable inputs and stay."""
+        used = {name for name, nodes in self.consumers.items() if nodes} | self.graph_outputs | self.graph_inputs
         keep = [t for t in self.graph.initializer if t.name in used]
         removed = len(self.graph.initializer) - len(keep)
         if removed:

@@ -21,8 +21,11 @@ class ShapeInference(Pass):
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         before = {v.name: v.SerializeToString(deterministic=True) for v in model.graph.value_info}
+        outputs_before = [o.SerializeToString(deterministic=True) for o in model.graph.output]
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True,
                                                      data_prop=self.config.data_prop)
         after = {v.name: v.SerializeToString(deterministic=True) for v in inferred.graph.value_info}
-        changed = before != after
+        # Inference also fills in graph outputs declared without a shape.
+        outputs_after = [o.SerializeToString(deterministic=True) for o in inferred.graph.output]
+        changed = before != after or outputs_before != outputs_after
         return PassResult(inferred, changed, {"value_info": len(after), "added": len(set(after) - set(before))})

@@ -1,0 +1,38 @@
+from helpers import assert_idempotent, make_model, ops, run, vi
+from onnx import helper
+from onnxopt.passes.shape_inference import ShapeInference
+
+node = helper.make_node
+
+
+def shapes(model):
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    return {v.name: dims(v) for v in model.graph.value_info}
+
+
+def test_records_shapes_and_keeps_symbolic_dims():
+    model = make_model([node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], strides=[2, 2]),
+                        node("GlobalAveragePool", ["c"], ["g"]), node("Flatten", ["g"], ["y"])],
+                       [vi("x", ["N", 3, 9, 9]), vi("w", [8, 3, 3, 3])], [vi("y", ["N", 8])])
+    result = run(model, ShapeInference())
+    rec = result.records[0]
+    assert rec.modified and rec.details == {"value_info": 2, "added": 2}
+    assert shapes(result.model) == {"c": ["N", 8, 4, 4], "g": ["N", 8, 1, 1]}
+    assert ops(result.model) == ops(model)
+    assert_idempotent(result.model, ShapeInference)
+
+
+def test_nothing_to_add_is_not_a_modification():
+    model = make_model([node("Relu", ["x"], ["y"])], [vi("x", ["N", 3])], [vi("y", ["N", 3])])
+    result = run(model, ShapeInference())
+    assert not result.records[0].modified and shapes(result.model) == {}
+
+
+def test_filling_in_an_output_shape_is_a_modification():
+    model = make_model([node("Relu", ["x"], ["y"])], [vi("x", ["N", 3])], [vi("y", None)])
+    result = run(model, ShapeInference())
+    assert result.records[0].modified
+    assert [d.dim_param or d.dim_value for d in result.model.graph.output[0].type.tensor_type.shape.dim] == ["N", 3]
+    assert_idempotent(result.model, ShapeInference)
