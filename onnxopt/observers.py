@@ -5,7 +5,8 @@ clip range to quantize the tensor to, plus the exact ``observed_min``/``observed
 does not grow with the number of samples:
 
 * ``MinMax`` keeps two floats.
-* ``Percentile``, ``Entropy`` and ``MSE`` keep one histogram of ``num_bins`` counts (int64).
+* ``Percentile``, ``Entropy`` and ``MSE`` keep one histogram of ``num_bins`` counts (int64). Their
+  ranges always contain 0, as any quantized range must (``MinMax`` reports the raw extremes).
 
 The histogram
 -------------
@@ -42,16 +43,21 @@ from onnxopt.ranges import TensorRange
 # normal float16 number (>= 2**-14), so a float16 QDQ model can store it.
 MIN_WIDTH = 1.0 / 64
 DEFAULT_BINS = 2048
-_CHUNK = 1 << 17  # elements binned per step: the scratch buffers (1.5 MB) stay in cache
+_MIN_BIN_WIDTH = 1e-30  # keeps 1/w a finite float32; narrower spans are zeros for any quantizer
+_CHUNK = 1 << 17  # elements binned per step: the scratch buffers (1 MB) stay in cache
 
 _local = threading.local()
 
 
 def _scratch() -> tuple[np.ndarray, np.ndarray]:
-    """Per-thread scratch buffers (float32 + intp) for binning one chunk."""
+    """Per-thread scratch buffers (float32 + int32) for binning one chunk.
+
+    int32 indices: float32 -> int32 converts much faster than float32 -> int64, which more than
+    pays for the int32 -> intp conversion ``np.bincount`` does on its (cache-resident) input.
+    """
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
-        bufs = (np.empty(_CHUNK, np.float32), np.empty(_CHUNK, np.intp))
+        bufs = (np.empty(_CHUNK, np.float32), np.empty(_CHUNK, np.int32))
         _local.bufs = bufs
     return bufs
 
@@ -177,7 +183,7 @@ class HistogramObserver(Observer):
 
     def _init(self, lo: float, hi: float) -> None:
         B = self.num_bins
-        w = (hi - lo) / (B - 1)
+        w = max((hi - lo) / (B - 1), _MIN_BIN_WIDTH)
         while math.floor(hi / w) - math.floor(lo / w) > B - 1:  # float rounding at the edges
             w *= 1 + 1e-6
         self._w = w
@@ -255,7 +261,7 @@ class HistogramObserver(Observer):
 
 
 class Percentile(HistogramObserver):
-    """``[q(100-p), q(p)]``: the two percentiles, interpolated linearly within a bin."""
+    """``[q(100-p), q(p)]``: the two percentiles, interpolated linearly within a bin, widened to include 0."""
 
     kind = "percentile"
 
@@ -275,12 +281,12 @@ class Percentile(HistogramObserver):
         k = min(int(np.searchsorted(cum, target, side="left")), counts.size - 1)
         before = cum[k - 1] if k > 0 else 0
         frac = (target - before) / counts[k] if counts[k] else 0.0
-        v = edges[k] + frac * self._w
+        v = float(edges[k] + frac * self._w)
         return min(max(v, self._min), self._max)
 
     def _choose(self) -> tuple[float, float]:
         p = self.percentile / 100.0
-        return self.quantile(1.0 - p), self.quantile(p)
+        return min(0.0, self.quantile(1.0 - p)), max(0.0, self.quantile(p))
 
 
 def _cumsum0(a: np.ndarray) -> np.ndarray:
