@@ -20,13 +20,35 @@ EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
+_NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _usage_error(exc: click.UsageError) -> None:
+    """A usage error as one line (click's own format spans four), exit code 2."""
+    hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+    click.echo(f"error: {' '.join(exc.format_message().split())}{hint}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
 class _Group(click.Group):
     """Turns every error into one line and an exit code; never a traceback (unless ONNXOPT_DEBUG=1)."""
+
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except _NoArgsIsHelp:
+            raise
+        except click.UsageError as exc:
+            _usage_error(exc)
 
     def invoke(self, ctx):
         warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
+        except _NoArgsIsHelp:
+            raise
+        except click.UsageError as exc:
+            _usage_error(exc)
         except GateFailed as exc:
             click.echo(f"gate failed: {exc}", err=True)
             sys.exit(EXIT_GATE_FAILED)
@@ -36,7 +58,7 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
+            click.echo("error: interrupted; no partial output was left behind", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
             if os.environ.get("ONNXOPT_DEBUG"):

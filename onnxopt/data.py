@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import math
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -328,12 +329,18 @@ class NpzSource(DataSource):
             raise DataError(f"{where}: not an .npz archive (a single .npy array?); save with np.savez")
         try:
             with z:
+                _check_npz_claims(f, where)  # before numpy allocates what a header claims
                 return {k: z[k] for k in z.files}
+        except DataError:
+            raise
         except ValueError as exc:
             if "pickle" in str(exc).lower():
                 raise DataError(f"{where}: holds pickled objects; refused (save plain numeric arrays)") from None
             raise DataError(f"{where}: unreadable .npz ({_first_line(exc)})") from None
-        except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        except MemoryError:
+            raise DataError(f"{where}: an array is too large to load into memory; split the data into a "
+                            "folder of smaller .npz files") from None
+        except Exception as exc:  # noqa: BLE001 - numpy's header parser raises SyntaxError, TokenError, ...
             raise DataError(f"{where}: unreadable or corrupt .npz ({_first_line(exc)})") from None
 
     def _peek_count(self, f: Path) -> int:
@@ -343,16 +350,10 @@ class NpzSource(DataSource):
                 names = [m for m in zf.namelist() if m.endswith(".npy")]
                 if names:
                     with zf.open(names[0]) as fh:
-                        version = np.lib.format.read_magic(fh)
-                        if version == (1, 0):
-                            shape = np.lib.format.read_array_header_1_0(fh)[0]
-                        elif version == (2, 0):
-                            shape = np.lib.format.read_array_header_2_0(fh)[0]
-                        else:
-                            shape = None
+                        shape = _npy_header(fh)[0]
                     if shape:
                         return int(shape[0])
-        except (OSError, ValueError, zipfile.BadZipFile):
+        except Exception:  # noqa: BLE001 - any problem: read the file properly, which reports it
             pass
         arrays = self._read(f)
         return _count(arrays) if arrays else 0
@@ -362,6 +363,43 @@ class NpzSource(DataSource):
             arrays, _ = _conform(self._where(f), self._spec_map, self._read(f))
             yield arrays
             del arrays
+
+
+def _npy_header(fh) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a .npy stream's header (nothing else is read)."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        raise ValueError(f"unsupported .npy format version {version}")
+    return tuple(int(d) for d in shape), np.dtype(dtype)
+
+
+def _check_claim(where: str, what: str, shape, dtype: np.dtype, available: int) -> None:
+    """Refuse a header whose shape needs more bytes than the file holds (corrupt, or a memory bomb)."""
+    if dtype.hasobject:
+        return  # pickled objects are refused when read
+    need = math.prod(shape) * dtype.itemsize
+    if need > available:
+        raise DataError(f"{where}: {what} claims shape {_fmt_shape(shape)} {dtype} ({need:,} bytes) but the file "
+                        f"holds {available:,} bytes for it; corrupt or truncated")
+
+
+def _check_npz_claims(f: Path, where: str) -> None:
+    with zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            try:
+                with zf.open(info) as fh:
+                    shape, dtype = _npy_header(fh)
+                    header = fh.tell()
+            except Exception as exc:  # noqa: BLE001 - numpy's header parser raises SyntaxError, TokenError, ...
+                raise DataError(f"{where}: array {info.filename[:-4]!r} has a corrupt .npy header "
+                                f"({_first_line(exc)})") from None
+            _check_claim(where, f"array {info.filename[:-4]!r}", shape, dtype, info.file_size - header)
 
 
 class ImageFolderSource(DataSource):
@@ -639,8 +677,21 @@ def load_labels(path, data: DataSource) -> np.ndarray:
 
 def _labels_npy(p: Path, data: DataSource) -> np.ndarray:
     try:
+        with open(p, "rb") as fh:
+            magic = fh.read(6)
+            if magic.startswith(b"PK"):
+                raise DataError(f"{p.name}: expected one .npy array of ints, got an archive")
+            if magic != np.lib.format.MAGIC_PREFIX:
+                raise DataError(f"{p.name}: not a .npy file (save labels with np.save)")
+            fh.seek(0)
+            shape, dtype = _npy_header(fh)
+            _check_claim(p.name, "the labels array", shape, dtype, p.stat().st_size - fh.tell())
         arr = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except DataError:
+        raise
+    except MemoryError:
+        raise DataError(f"{p.name}: labels too large to load") from None
+    except Exception as exc:  # noqa: BLE001 - numpy raises ValueError, SyntaxError, TokenError, ... on garbage
         raise DataError(f"{p.name}: unreadable .npy ({_first_line(exc)})") from None
     if not isinstance(arr, np.ndarray):
         raise DataError(f"{p.name}: expected one .npy array of ints, got an archive")

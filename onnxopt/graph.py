@@ -254,18 +254,36 @@ def op_histogram(graph: onnx.GraphProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's values, wherever they are stored (raw, typed fields, or external data that was
+    not loaded: then from its recorded length or its shape; the external file is never read)."""
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        if info.get("length", "").isdigit():
+            return int(info["length"])
+    if t.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in t.string_data)
+    count = 1
+    for d in t.dims:
+        count *= max(int(d), 0)
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:  # noqa: BLE001 - unknown type: count elements
+        itemsize = 1
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * itemsize
+
+
 def initializer_bytes(graph: onnx.GraphProto) -> int:
-    total = 0
-    for t in graph.initializer:
-        if t.HasField("raw_data"):
-            total += len(t.raw_data)
-        else:
-            total += numpy_helper.to_array(t).nbytes
+    total = sum(tensor_bytes(t) for t in graph.initializer)
     for n in graph.node:
         if n.op_type == "Constant":
             for a in n.attribute:
                 if a.name == "value":
-                    total += len(a.t.raw_data) or numpy_helper.to_array(a.t).nbytes
+                    total += tensor_bytes(a.t)
     return total
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import onnx
 
 from onnxopt.graph import initializer_bytes, op_histogram, parameter_count
+from onnxopt.model_io import serialized_size
 
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
              "MatMulInteger", "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
@@ -47,8 +48,17 @@ def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     dims: list[int | str | None] = []
     for d in t.shape.dim:
         dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
-    return TensorSpec(vi.name, dtype, dims)
+    return TensorSpec(vi.name, _dtype_name(t.elem_type), dims)
+
+
+def _dtype_name(elem_type: int) -> str:
+    if not elem_type:
+        return "?"
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+    except Exception:  # noqa: BLE001 - a type numpy has no name for
+        return onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type in onnx.TensorProto.DataType.values() \
+            else f"type {elem_type}"
 
 
 def summarize(model: onnx.ModelProto) -> ModelSummary:
@@ -61,7 +71,7 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
     quantized = {}
     dtypes: dict[str, int] = {}
     for t in g.initializer:
-        tname = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name if t.data_type else "?"
+        tname = _dtype_name(t.data_type)
         dtypes[tname] = dtypes.get(tname, 0) + 1
         if t.data_type in _QUANT_TYPES and len(t.dims) >= 1 and consumers.get(t.name) in QUANT_OPS:
             quantized[t.name] = f"{tname} -> {consumers[t.name]}"
@@ -75,7 +85,7 @@ def summarize(model: onnx.ModelProto) -> ModelSummary:
         ops=op_histogram(g),
         parameters=parameter_count(g),
         initializer_bytes=initializer_bytes(g),
-        serialized_bytes=model.ByteSize(),
+        serialized_bytes=serialized_size(model),
         quantized_tensors=dict(sorted(quantized.items())),
         dtypes=dict(sorted(dtypes.items())),
     )

@@ -61,6 +61,15 @@ def _check_output_path(output: Path, force: bool, source: Path) -> None:
         raise OnnxoptError(f"{output.parent}: cannot write the output there")
 
 
+def _check_report_dir(report_dir: str | Path | None) -> None:
+    """Fail before any work when reports could not be written (they are written after it)."""
+    if report_dir is None:
+        return
+    d = Path(report_dir)
+    if d.exists() and not d.is_dir():
+        raise OnnxoptError(f"{d}: report path is not a folder")
+
+
 def optimize(
     model_path: str | Path,
     output: str | Path | None = None,
@@ -89,6 +98,7 @@ def optimize(
     rec = _recipe(recipe)
     if output is not None:
         _check_output_path(Path(output), force, model_path)
+    _check_report_dir(report_dir)
     if labels is not None and val is None:
         raise OnnxoptError("--labels needs --val (the labels belong to the validation data)")
     original = load_model(model_path)
@@ -158,6 +168,7 @@ def validate_files(
     from onnxopt.validate import validate
 
     rec = _recipe(recipe) if recipe is not None else Recipe()
+    _check_report_dir(report_dir)
     ref = load_model(reference)
     cand = load_model(candidate)
     source = open_data(data, ref, rec.data)

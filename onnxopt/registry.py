@@ -24,8 +24,15 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
+_eps: dict | None = None
+
+
 def _entry_points() -> dict:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    """The group's entry points, scanned once per process (a scan reads every installed package's metadata)."""
+    global _eps
+    if _eps is None:
+        _eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return _eps
 
 
 def _load(ep) -> type[Pass]:

@@ -379,12 +379,13 @@ def write_reports(directory, *, validation: ValidationReport | None = None, pipe
     ET.indent(tree)
     paths = [d / "report.json", d / "report.md", d / "junit.xml"]
     try:
-        with atomic_write(paths[0], "wb") as f:
-            f.write(_json_text(doc).encode("utf-8"))
-        with atomic_write(paths[1], "wb") as f:
-            f.write(md.encode("utf-8"))
-        with atomic_write(paths[2], "wb") as f:
-            tree.write(f, encoding="utf-8", xml_declaration=True)
+        # All three are written to temporary files first and renamed together at the end, so a failure
+        # or an interrupt leaves the previous set (or none), never a mix of old and new reports.
+        with atomic_write(paths[0], "wb") as fj, atomic_write(paths[1], "wb") as fm, \
+                atomic_write(paths[2], "wb") as fx:
+            fj.write(_json_text(doc).encode("utf-8"))
+            fm.write(md.encode("utf-8"))
+            tree.write(fx, encoding="utf-8", xml_declaration=True)
     except OSError as exc:
         raise OnnxoptError(f"{d}: cannot write reports ({exc.strerror or exc})") from None
     return paths

@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.model_io import PROTOBUF_LIMIT, save_model
+from onnxopt.model_io import PROTOBUF_LIMIT, large_model_threshold, save_model, serialized_size
 from onnxopt.progress import SILENT
 
 OPT_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
@@ -74,14 +74,15 @@ def session_options(opt_level: str = DEFAULT_OPT_LEVEL, threads: int | None = No
 
 def make_session(model: onnx.ModelProto, *, opt_level: str = DEFAULT_OPT_LEVEL, threads: int | None = None,
                  what: str = "model") -> ort.InferenceSession:
-    """An ORT CPU session for ``model`` (from memory; via a temporary external-data file above 2 GB).
+    """An ORT CPU session for ``model`` (from memory; via a temporary external-data file above 2 GB,
+    or above ``ONNXOPT_EXTERNAL_THRESHOLD`` when that is set).
 
     ``what`` names the model in errors ("onnxruntime cannot load candidate: ...").
     """
     so = session_options(opt_level, threads)
     tmp = None
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
+        if serialized_size(model) > min(PROTOBUF_LIMIT, large_model_threshold()):
             tmp = tempfile.TemporaryDirectory(prefix="onnxopt-ort-", ignore_cleanup_errors=True)
             path = save_model(model, Path(tmp.name) / "model.onnx", external_data=True)
             session = ort.InferenceSession(str(path), so, providers=PROVIDERS)
