@@ -36,3 +36,27 @@ def test_filling_in_an_output_shape_is_a_modification():
     assert result.records[0].modified
     assert [d.dim_param or d.dim_value for d in result.model.graph.output[0].type.tensor_type.shape.dim] == ["N", 3]
     assert_idempotent(result.model, ShapeInference)
+
+
+def test_large_weights_are_not_read_but_small_shape_tensors_are():
+    """Inference runs on a skeleton (big weights reduced to type + shape: no 2 GB limit), while a
+    small constant shape still drives Reshape's output shape through data propagation."""
+    import numpy as np
+    from onnx import numpy_helper
+    from onnxopt.passes.shape_inference import KEEP_VALUES_BYTES, skeleton
+
+    big = np.ones((KEEP_VALUES_BYTES // 4 + 1, 4), np.float32)  # just above the threshold
+    shape = np.array([-1, 2, 2], np.int64)
+    model = make_model([node("MatMul", ["x", "w"], ["m"]), node("Reshape", ["m", "s"], ["y"])],
+                       [vi("x", ["N", big.shape[0]])], [vi("y", None)],
+                       [numpy_helper.from_array(big, "w"), numpy_helper.from_array(shape, "s")])
+    sk = skeleton(model)
+    w = next(t for t in sk.graph.initializer if t.name == "w")
+    assert list(w.dims) == list(big.shape) and not w.raw_data and not w.float_data
+    assert next(t for t in sk.graph.initializer if t.name == "s").raw_data  # values kept
+    result = run(model, ShapeInference())
+    assert shapes(result.model)["m"] == ["N", 4]
+    # -1 leaves the first dim unknown; the 2, 2 can only come from the kept values of "s"
+    assert [d.dim_value for d in result.model.graph.output[0].type.tensor_type.shape.dim][1:] == [2, 2]
+    out_w = next(t for t in result.model.graph.initializer if t.name == "w")
+    np.testing.assert_array_equal(numpy_helper.to_array(out_w), big)  # the model keeps its weights

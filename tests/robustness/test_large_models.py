@@ -157,13 +157,11 @@ def big_model(tmp_path_factory):
 
 @pytest.mark.parametrize("mark", [pytest.param(0, marks=SLOW)])
 def test_real_model_above_2gb(tmp_path, big_model, mark):
-    """Load (external data), every cleanup pass but shape-inference (see the next test), save (external
-    data), same outputs; then the CLI on the result."""
+    """Load (external data), every cleanup pass, save (external data), same outputs; then the CLI on it."""
     before = file_hashes(big_model.parent)
     model = load_model(big_model)
     assert serialized_size(model) > 2**31
-    passes = [p for p in load_preset("cleanup").build_passes() if p.name != "shape-inference"]
-    result = PassManager(passes).run(model)
+    result = PassManager(load_preset("cleanup").build_passes()).run(model)
     assert "Identity" not in {n.op_type for n in result.model.graph.node}
     assert result.records[0].initializer_bytes_before > 2**31
     out = tmp_path / "big_clean.onnx"
@@ -179,17 +177,8 @@ def test_real_model_above_2gb(tmp_path, big_model, mark):
     assert file_hashes(big_model.parent) == before
 
 
-class ShapeInferencePassAbove2GB(Exception):
-    """The known failure below (and only it) is expected."""
-
-
-@pytest.mark.parametrize("mark", [pytest.param(0, marks=[*SLOW, pytest.mark.xfail(
-    strict=True, raises=ShapeInferencePassAbove2GB,
-    reason="passes/shape_inference.py runs onnx.shape_inference.infer_shapes on the in-memory proto, which "
-           "cannot be serialized above 2 GB (EncodeError); it needs infer_shapes_path")])])
+@pytest.mark.parametrize("mark", [pytest.param(0, marks=SLOW)])
 def test_cleanup_preset_above_2gb(tmp_path, big_model, mark):
     code, _, err = cli("optimize", big_model, "-o", tmp_path / "big_clean.onnx", "-r", "cleanup", "-q")
-    if code == 2 and "pass 'shape-inference'" in err and "EncodeError" in err:
-        raise ShapeInferencePassAbove2GB(err.strip())
     assert code == 0, err
     assert (tmp_path / "big_clean.onnx.data").stat().st_size > 2**31
