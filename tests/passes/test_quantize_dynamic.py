@@ -1,0 +1,169 @@
+import numpy as np
+import onnx
+import pytest
+from bert_graph import bert_feeds, bert_model
+from helpers import init, make_model, ops, ort_run, rand, run, vi
+from onnx import helper, numpy_helper
+from onnxopt.passes.quantize_dynamic import (
+    QuantizeDynamic,
+    QuantizeDynamicConfig,
+    dynamic_scheme,
+    quantize_weight,
+    smoothing_factors,
+)
+from onnxopt.passes.transformer_fusion import TransformerFusion
+
+from onnxopt.data import ArraySource
+from onnxopt.errors import PassError
+from onnxopt.pass_infra import PassContext, PassManager
+
+node = helper.make_node
+AVX2 = ["sse2", "avx2"]
+
+
+def quantize(model, calibration=None, **cfg):
+    cfg.setdefault("min_weight_elements", 0)
+    p = QuantizeDynamic(QuantizeDynamicConfig(**cfg), PassContext(calibration=calibration))
+    result = PassManager([p]).run(model)
+    return result.model, result.records[0].details
+
+
+def reference_dqmm(x: np.ndarray, q: np.ndarray, scale: np.ndarray, bias=None) -> np.ndarray:
+    """DynamicQuantizeMatMul in numpy: x to uint8 per tensor (DynamicQuantizeLinear), exact integer GEMM."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    xs = np.float32((hi - lo) / 255)
+    zp = np.clip(np.rint(-lo / xs), 0, 255)
+    xq = np.clip(np.rint(x / xs) + zp, 0, 255).astype(np.int64)
+    acc = (xq - zp.astype(np.int64)) @ q.astype(np.int64)
+    y = acc.astype(np.float64) * (np.float64(xs) * scale.astype(np.float64))
+    return (y if bias is None else y + bias).astype(np.float32)
+
+
+def test_matmul_becomes_dynamic_quantize_matmul_with_per_column_int8_weights():
+    w = rand(24, 10, seed=1)
+    w[:, 3] *= 20  # one wide column: per-column scales keep the others fine
+    model = make_model([node("MatMul", ["x", "w"], ["y"], name="mm")], [vi("x", ["N", 5, 24])], [vi("y", ["N", 5, 10])],
+                       [init("w", w)])
+    out, details = quantize(model, scheme="u8s8")
+    assert ops(out) == {"com.microsoft.DynamicQuantizeMatMul": 1} and details["quantized"] == {"MatMul": 1}
+    dq = out.graph.node[0]
+    tensors = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    q, scale, zp = (tensors[n] for n in dq.input[1:4])
+    assert q.dtype == np.int8 and q.shape == (24, 10) and scale.shape == (10,) and not zp.any()
+    np.testing.assert_allclose(scale, np.abs(w).max(axis=0) / 127, rtol=1e-6)
+    assert np.abs(q).max() == 127 and "w" not in tensors  # the float weight is gone
+    x = rand(2, 5, 24, seed=2)
+    got = ort_run(out, {"x": x})[0]
+    np.testing.assert_allclose(got, reference_dqmm(x, q, scale), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, x @ w, rtol=0, atol=0.03 * np.abs(x @ w).max())
+
+
+def test_u8s8_does_not_saturate_on_this_cpu():
+    # The premise of scheme auto = u8s8 on AVX2 without VNNI: full-range u8 activations x int8 weights,
+    # where vpmaddubsw pair sums (255 * 127 * 2) would clip at 32767.
+    k, n = 64, 8
+    model = make_model([node("MatMul", ["x", "w"], ["y"])], [vi("x", [3, k])], [vi("y", [3, n])],
+                       [init("w", np.full((k, n), 0.5, np.float32))])
+    out, _ = quantize(model, scheme="u8s8")
+    x = np.full((3, k), 4.0, np.float32)
+    x[1, ::2] = -4.0
+    q = np.full((k, n), 127, np.int8)  # 0.5 is the column maximum: every weight quantizes to 127
+    want = reference_dqmm(x, q, np.full(n, 0.5 / 127, np.float32))
+    np.testing.assert_allclose(ort_run(out, {"x": x})[0], want, rtol=1e-5, atol=1e-4)
+    assert abs(want[0, 0] - 128.0) < 1.0  # 64 x 255 x 127 in the accumulator: nothing clipped
+
+
+@pytest.mark.parametrize("scheme", ["u8s8", "u8s8-rr", "u8u8"])
+def test_schemes_weight_types_and_ranges(scheme):
+    q, scale, zp = quantize_weight(rand(16, 4, seed=3), scheme)
+    if scheme == "u8u8":
+        assert q.dtype == np.uint8 and (zp == 128).all()
+    else:
+        assert q.dtype == np.int8 and not zp.any()
+        assert np.abs(q.astype(int)).max() == (63 if scheme == "u8s8-rr" else 127)
+
+
+def test_auto_scheme_names_the_cpu():
+    scheme, reason = dynamic_scheme("auto", AVX2)
+    assert scheme == "u8s8" and "VNNI" in reason
+    assert dynamic_scheme("auto", ["asimd", "asimddp"])[0] == "u8s8"
+    assert dynamic_scheme("u8u8", AVX2) == ("u8u8", "set in the recipe")
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_with_bias(trans_b):
+    w = rand(6, 32, seed=4) if trans_b else rand(32, 6, seed=4)
+    b = rand(6, seed=5)
+    model = make_model([node("Gemm", ["x", "w", "b"], ["y"], transB=trans_b)], [vi("x", ["N", 32])], [vi("y", ["N", 6])],
+                       [init("w", w), init("b", b)])
+    out, _ = quantize(model, scheme="u8s8")
+    dq = out.graph.node[0]
+    assert dq.op_type == "DynamicQuantizeMatMul" and len(dq.input) == 5
+    tensors = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    x = rand(3, 32, seed=6)
+    got = ort_run(out, {"x": x})[0]
+    np.testing.assert_allclose(got, reference_dqmm(x, tensors[dq.input[1]], tensors[dq.input[2]], b), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_small_weights_and_excluded_nodes_stay_float():
+    model = make_model([node("MatMul", ["x", "w1"], ["h"], name="big"), node("MatMul", ["h", "w2"], ["y"], name="head")],
+                       [vi("x", ["N", 64])], [vi("y", ["N", 2])],
+                       [init("w1", rand(64, 64, seed=7)), init("w2", rand(64, 2, seed=8))])
+    out, details = quantize(model, min_weight_elements=4096)
+    assert [n.op_type for n in out.graph.node] == ["DynamicQuantizeMatMul", "MatMul"]
+    assert details["skipped_small"] == 1
+    out2, _ = quantize(model, exclude_nodes=["big"], min_weight_elements=0)
+    assert [n.op_type for n in out2.graph.node] == ["MatMul", "DynamicQuantizeMatMul"]
+
+
+@pytest.mark.parametrize("form,ops_expected", [("mha", {"MultiHeadAttention", "Split"}), ("qattention", {"QAttention"})])
+def test_fused_bert_quantizes_attention_and_matmuls(form, ops_expected):
+    model = bert_model(layers=2)
+    fused = run(model, TransformerFusion()).model
+    out, details = quantize(fused, attention=form, min_weight_elements=200)
+    counts = {k.split(".")[-1] for k in ops(out)}
+    assert ops_expected <= counts and "Attention" not in counts
+    assert details["quantized"] == {"Attention": 2, "MatMul": 6}  # the 16x2 head Gemm is below the threshold
+    assert ops(out)["com.microsoft.DynamicQuantizeMatMul"] == (8 if form == "mha" else 6)
+    feeds = bert_feeds(n=4, length=12)
+    want, got = ort_run(fused, feeds), ort_run(out, feeds)
+    for w_, g_ in zip(want, got, strict=True):
+        cos = np.sum(w_ * g_) / (np.linalg.norm(w_) * np.linalg.norm(g_))
+        assert cos > 0.999, cos
+        assert np.abs(w_ - g_).max() < 0.1 * np.abs(w_).max()
+
+
+def test_smoothing_moves_activation_outliers_into_weights_and_cuts_the_error():
+    model = run(bert_model(outlier=200.0), TransformerFusion()).model
+    feeds = bert_feeds(n=6, length=12, seed=3)
+    calib = ArraySource(bert_feeds(n=16, length=12, seed=4), model)
+    plain, d0 = quantize(model, smoothing="off", min_weight_elements=200)
+    smooth, d1 = quantize(model, calibration=calib, min_weight_elements=200)
+    assert d0["smoothed"] is False and d1["smoothed"] is True
+    muls = [n for n in smooth.graph.node if n.op_type == "Mul" and n.name.endswith("_smooth")]
+    assert len(muls) == 4  # one per quantized input (Attention and three MatMuls)
+    for ref, a, b in zip(ort_run(model, feeds), ort_run(plain, feeds), ort_run(smooth, feeds), strict=True):
+        err_plain, err_smooth = np.abs(a - ref).mean(), np.abs(b - ref).mean()
+        assert err_smooth < 0.7 * err_plain, (err_smooth, err_plain)
+
+
+def test_smoothing_factors():
+    s = smoothing_factors(np.array([4.0, 0.0, 1.0]), np.array([1.0, 2.0, 0.0]), 0.5)
+    np.testing.assert_allclose(s, [2.0, 1.0, 1.0])
+
+
+def test_smoothing_on_without_calibration_is_a_clear_error():
+    model = make_model([node("MatMul", ["x", "w"], ["y"])], [vi("x", ["N", 8])], [vi("y", ["N", 4])],
+                       [init("w", rand(8, 4))])
+    with pytest.raises(PassError, match="calibration"):
+        quantize(model, smoothing="on")
+
+
+def test_input_model_is_not_modified():
+    model = make_model([node("MatMul", ["x", "w"], ["y"])], [vi("x", ["N", 8])], [vi("y", ["N", 4])],
+                       [init("w", rand(8, 4))])
+    before = model.SerializeToString()
+    quantize(model)
+    assert model.SerializeToString() == before
+    assert onnx.load_from_string(before).graph.node[0].op_type == "MatMul"

@@ -1,0 +1,64 @@
+"""int8-dynamic on the real MiniLM-L6 SST-2 encoder (skips without ../shared/models): fusion exact,
+dynamic int8 + int8 embeddings small and agreeing with fp32 on a few sentences."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from onnxopt.model_io import load_model
+from onnxopt.pass_infra import PassManager
+from onnxopt.recipe import load_preset
+
+TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "text"
+MODEL = TEXT / "minilm_l6_sst2.onnx"
+
+pytestmark = [pytest.mark.real_model,
+              pytest.mark.skipif(not MODEL.is_file(), reason="needs ../shared/models (MiniLM SST-2)")]
+
+SENTENCES = ["a wonderful , moving and beautifully acted film .",
+             "the plot is dull and the jokes are painfully bad .",
+             "one of the best movies of the year .",
+             "a boring , lifeless and stupid mess ."]
+
+
+def encode(sentences: list[str]) -> dict[str, np.ndarray]:
+    """Whole-word WordPiece lookup: enough for these sentences (all words are in the vocabulary)."""
+    vocab = {w: i for i, w in enumerate((TEXT / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+    rows = [[vocab["[CLS]"]] + [vocab[w] for w in re.findall(r"\w+|[^\w\s]", s.lower())] + [vocab["[SEP]"]]
+            for s in sentences]
+    length = max(map(len, rows))
+    ids = np.zeros((len(rows), length), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+    return {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64), "token_type_ids": np.zeros_like(ids)}
+
+
+def run(model, feeds):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return dict(zip(["logits", "sentence_embedding"], s.run(["logits", "sentence_embedding"], feeds), strict=True))
+
+
+def test_int8_dynamic_preset_on_minilm():
+    model = load_model(MODEL)
+    result = PassManager(load_preset("int8-dynamic").build_passes()).run(model)  # checked after every pass
+    fusion, dynamic, embedding = (r.details for r in result.records)
+    assert fusion["sdpa_attention"] == 6 and fusion["ort_fusions"]["SkipLayerNormalization"] == 12
+    assert fusion["max_abs_error"] <= 1e-4
+    assert dynamic["quantized"] == {"Attention": 6, "MatMul": 18}
+    assert embedding["tables"] == ["b.embeddings.position_embeddings.weight", "b.embeddings.word_embeddings.weight"]
+    out = result.model
+    assert out.ByteSize() <= 0.26 * model.ByteSize()
+    feeds = encode(SENTENCES)
+    want, got = run(model, feeds), run(out, feeds)
+    assert (want["logits"].argmax(1) == [1, 0, 1, 0]).all()
+    np.testing.assert_array_equal(got["logits"].argmax(1), want["logits"].argmax(1))
+    a, b = want["sentence_embedding"], got["sentence_embedding"]
+    cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.98, cos
