@@ -1,0 +1,609 @@
+"""Weight-only quantization: MatMul/Gemm weights (and optionally Gather embedding tables) stored in 4 or
+8 bits, block-wise along the reduction axis; activations and compute stay float.
+
+Each output column of a weight gets one scale (and, asymmetric, one zero point) per ``block_size``
+consecutive input rows. The weights are written in the form ONNX Runtime's CPU EP runs directly:
+
+* ``com.microsoft.MatMulNBits`` (2, 4 and 8 bits in onnxruntime 1.32; the kernel refuses 3/5/6/7):
+  ``B`` packed ``[N, k_blocks, block_size * bits / 8]`` (low bits first), ``scales`` ``[N * k_blocks]``,
+  zero points packed the same way (omitted when symmetric: the kernel's default is ``2^(bits-1)``).
+  A Gemm becomes MatMulNBits with its ``beta * C`` as the bias and ``alpha`` folded into the scales.
+* ``DequantizeLinear`` (opset 21, ``block_size``; int4/uint4 or int8/uint8) feeding the original node,
+  for what MatMulNBits cannot express (Gemm with ``transA``, a bias that is not one row, weights of rank
+  3+). The pass upgrades the opset to 21 when it needs this form.
+* Embedding tables (``embeddings: true``): ``Gather(table, ids)`` on axis 0 becomes
+  ``com.microsoft.GatherBlockQuantized``, which dequantizes only the gathered rows.
+
+Methods: ``rtn`` rounds each block to nearest. ``gptq`` (Frantar et al. 2022) quantizes the input rows
+one at a time and spreads each row's rounding error over the rows not yet quantized, weighted by the
+inverse of the layer's input Hessian ``X^T X``; ``X^T X`` is accumulated batch by batch over the
+calibration data (activations are dropped after each batch), with rows at padded positions left out
+when the model has an input from ``mask_inputs`` (``attention_mask``). ``auto`` is ``gptq`` when
+calibration data is given, ``rtn`` otherwise. Embedding tables are always RTN (their "input" is one-hot).
+
+Per layer the result records the relative weight error ``||W - Q||_F / ||W||_F`` and, with data, the
+relative output error ``sqrt(tr(D H D^T) / tr(W H W^T))`` on the calibration activations.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import helper
+from pydantic import Field, field_validator
+
+from onnxopt.errors import OnnxoptError, PreconditionError
+from onnxopt.graph import GraphIndex, attr, opset_version
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
+
+MS_DOMAIN = "com.microsoft"
+DEFAULT_DOMAINS = ("", "ai.onnx")
+MARK = "/weight_only"
+GRAM_CHUNK = 8192
+
+
+class QuantizeWeightOnlyConfig(PassConfig):
+    type: Literal["quantize-weight-only"] = "quantize-weight-only"
+    bits: Literal[4, 8] = Field(4, description="bits per weight of MatMul/Gemm")
+    block_size: int = Field(32, ge=16, description="weights per scale along the reduction axis (power of 2)")
+    symmetric: bool = Field(True, description="zero point fixed at the middle (no zero-point tensors)")
+    method: Literal["auto", "rtn", "gptq"] = Field(
+        "auto", description="rtn: round to nearest; gptq: error compensation with calibration data; auto: "
+                            "gptq with --calib, rtn otherwise")
+    format: Literal["auto", "matmulnbits", "dequantize-linear"] = Field(
+        "auto", description="auto: MatMulNBits where it fits, DequantizeLinear (opset 21) otherwise")
+    accuracy_level: int = Field(0, ge=0, le=4, description="MatMulNBits accuracy_level (0: float compute)")
+    min_elements: int = Field(0, ge=0, description="leave weights with fewer elements in float")
+    exclude: list[str] = Field(default_factory=list, description="node or weight names (glob) left in float")
+    embeddings: bool = Field(False, description="also quantize Gather tables (axis 0) -> GatherBlockQuantized")
+    embedding_bits: Literal[4, 8] = 8
+    embedding_block_size: int = Field(32, ge=16, description="table values per scale along a row (power of 2)")
+    clip_search: int = Field(
+        10, ge=0, le=100, description="shrink steps tried per block for the least-error range (0: min/max)")
+    damping: float = Field(0.01, gt=0, le=1, description="gptq: diagonal damping, fraction of mean(diag(H))")
+    mask_inputs: list[str] = Field(
+        default_factory=lambda: ["attention_mask"],
+        description="gptq: a model input [B, L] among these masks out padded rows of the Hessian")
+    batch_size: int = Field(8, gt=0, description="gptq: samples per ONNX Runtime run")
+    max_samples: int | None = Field(128, gt=0, description="gptq: calibration samples used")
+
+    @field_validator("block_size", "embedding_block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of 2 (got {v})")
+        return v
+
+
+@dataclass
+class LayerQuant:
+    node: str
+    op_type: str
+    weight: str
+    shape: list[int]
+    bits: int
+    block_size: int
+    method: str
+    format: str
+    weight_error: float
+    output_error: float | None
+    bytes_before: int
+    bytes_after: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class WeightOnlyResult(PassResult):
+    layers: dict[str, LayerQuant] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    calibration_samples: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Block quantization (numpy); weights as [N, K]: one row per output, blocks along K
+# --------------------------------------------------------------------------------------------
+def qlimits(bits: int, symmetric: bool) -> tuple[int, int, int]:
+    """(qmin, qmax, zero point) of the stored unsigned codes; symmetric keeps +-(2^(b-1) - 1)."""
+    mid = 1 << (bits - 1)
+    if symmetric:
+        return 1, (1 << bits) - 1, mid
+    return 0, (1 << bits) - 1, 0
+
+
+def _range_params(w: np.ndarray, bits: int, symmetric: bool, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi, mid = qlimits(bits, symmetric)
+    if symmetric:
+        absmax = np.abs(w).max(axis=-1).astype(np.float64) * shrink
+        scale = (absmax / (mid - 1)).astype(np.float32)
+        scale[scale == 0] = 1.0
+        return scale, np.full(scale.shape, mid, dtype=np.int64)
+    rmin = np.minimum(w.min(axis=-1), 0).astype(np.float64) * shrink
+    rmax = np.maximum(w.max(axis=-1), 0).astype(np.float64) * shrink
+    scale = ((rmax - rmin) / (hi - lo)).astype(np.float32)
+    scale[scale == 0] = 1.0
+    zp = np.clip(np.rint(lo - rmin / scale.astype(np.float64)), lo, hi).astype(np.int64)
+    return scale, zp
+
+
+def block_params(w: np.ndarray, bits: int, symmetric: bool, search: int = 0,
+                 importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """float32 scales and integer zero points of the rows of ``w`` (one block per row, any shape [..., bs]).
+
+    The range is the block's (absolute) min/max; with ``search`` > 0 it is also shrunk by up to 25 % in
+    ``search`` steps and each block keeps the range with the least squared error (weighted by
+    ``importance`` over the last axis, e.g. the input's second moments): clipping a few outliers buys
+    finer steps for the rest, which matters at 4 bits.
+    """
+    scale, zp = _range_params(w, bits, symmetric, 1.0)
+    if not search:
+        return scale, zp
+    wf = w.astype(np.float32)
+    imp = np.ones(w.shape[-1], np.float32) if importance is None else importance.astype(np.float32)
+
+    def err(s, z):
+        return (np.square(wf - dequantize_codes(quantize_codes(wf, s, z, bits, symmetric), s, z)) * imp).sum(-1)
+
+    best = err(scale, zp)
+    for shrink in np.linspace(1.0, 0.75, search + 1)[1:]:
+        s, z = _range_params(w, bits, symmetric, float(shrink))
+        e = err(s, z)
+        better = e < best
+        scale, zp, best = np.where(better, s, scale), np.where(better, z, zp), np.where(better, e, best)
+    return scale.astype(np.float32), zp
+
+
+def quantize_codes(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
+    lo, hi, _ = qlimits(bits, symmetric)
+    return np.clip(np.rint(w.astype(np.float32) / scale[..., None]) + zp[..., None], lo, hi).astype(np.int64)
+
+
+def dequantize_codes(q: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    return ((q - zp[..., None]).astype(np.float32) * scale[..., None]).astype(np.float32)
+
+
+def _blocked(wt: np.ndarray, block: int) -> np.ndarray:
+    """[N, K] -> [N, k_blocks, block], K zero-padded (zeros quantize exactly to the zero point)."""
+    n, k = wt.shape
+    nb = -(-k // block)
+    out = np.zeros((n, nb * block), dtype=wt.dtype)
+    out[:, :k] = wt
+    return out.reshape(n, nb, block)
+
+
+@dataclass
+class Quantized:
+    codes: np.ndarray  # [N, k_blocks, block] unsigned codes
+    scales: np.ndarray  # [N, k_blocks] float32
+    zero_points: np.ndarray  # [N, k_blocks] int
+    k: int
+
+    def dequantized(self) -> np.ndarray:
+        """[N, K] float32, exactly what the kernels compute from the stored codes."""
+        return dequantize_codes(self.codes, self.scales, self.zero_points).reshape(self.codes.shape[0], -1)[:, :self.k]
+
+
+def rtn(wt: np.ndarray, bits: int, block: int, symmetric: bool, search: int = 0,
+        hessian: np.ndarray | None = None) -> Quantized:
+    b = _blocked(wt.astype(np.float32), block)
+    imp = None if hessian is None else _blocked(np.diag(hessian)[None, :], block)[0]
+    scale, zp = block_params(b, bits, symmetric, search, imp)
+    return Quantized(quantize_codes(b, scale, zp, bits, symmetric), scale, zp, wt.shape[1])
+
+
+def gptq(wt: np.ndarray, hessian: np.ndarray, bits: int, block: int, symmetric: bool, damping: float,
+         search: int = 0) -> Quantized:
+    """GPTQ with the block's scales chosen when the block is reached (on the error-updated weights)."""
+    w = wt.astype(np.float64).copy()
+    n, k = w.shape
+    h = hessian.astype(np.float64).copy()
+    importance = np.diag(h).copy()
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(k)] += damping * float(np.mean(np.diag(h)))
+    try:
+        u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
+    except np.linalg.LinAlgError:
+        h[np.diag_indices(k)] += float(np.mean(np.diag(h)))
+        u = np.linalg.cholesky(np.linalg.inv(h)).T
+    nb = -(-k // block)
+    codes = np.zeros((n, nb, block), dtype=np.int64)
+    scales = np.ones((n, nb), dtype=np.float32)
+    zps = np.zeros((n, nb), dtype=np.int64)
+    lo, hi, _ = qlimits(bits, symmetric)
+    for b in range(nb):
+        g0, g1 = b * block, min((b + 1) * block, k)
+        part = np.zeros((n, block), dtype=np.float32)
+        part[:, :g1 - g0] = w[:, g0:g1]
+        imp = np.zeros(block)
+        imp[:g1 - g0] = importance[g0:g1]
+        s, z = block_params(part, bits, symmetric, search, imp)
+        scales[:, b], zps[:, b] = s, z
+        err = np.zeros((n, g1 - g0))
+        for j in range(g0, g1):
+            col = w[:, j].astype(np.float32)
+            q = np.clip(np.rint(col / s) + z, lo, hi).astype(np.int64)
+            codes[:, b, j - g0] = q
+            deq = ((q - z).astype(np.float32) * s).astype(np.float64)
+            e = (w[:, j] - deq) / u[j, j]
+            w[:, j + 1:g1] -= np.outer(e, u[j, j + 1:g1])
+            err[:, j - g0] = e
+        w[:, g1:] -= err @ u[g0:g1, g1:]
+    if k % block:  # the zero padding of the last block keeps the zero point
+        codes[:, -1, k - g0:] = zps[:, -1:]
+    return Quantized(codes, scales, zps, k)
+
+
+def rel_error(w: np.ndarray, deq: np.ndarray, h: np.ndarray | None = None) -> float:
+    d = w.astype(np.float64) - deq
+    if h is None:
+        den = float(np.sum(w.astype(np.float64) ** 2))
+        return float(np.sqrt(np.sum(d * d) / den)) if den > 0 else 0.0
+    den = float(np.sum((w @ h) * w))
+    return float(np.sqrt(max(float(np.sum((d @ h) * d)), 0.0) / den)) if den > 0 else 0.0
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes [..., m] -> uint8 [..., m * bits / 8], the first value in the low bits."""
+    codes = codes.astype(np.uint8)
+    if bits == 8:
+        return codes
+    per = 8 // bits
+    m = codes.shape[-1]
+    pad = (-m) % per
+    if pad:
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (pad,), np.uint8)], axis=-1)
+    codes = codes.reshape(codes.shape[:-1] + (-1, per))
+    out = np.zeros(codes.shape[:-1], np.uint8)
+    for i in range(per):
+        out |= (codes[..., i] << (bits * i)).astype(np.uint8)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Hessians from calibration data
+# --------------------------------------------------------------------------------------------
+def collect_hessians(model: onnx.ModelProto, source, tensors: dict[str, int], cfg: QuantizeWeightOnlyConfig,
+                     progress) -> tuple[dict[str, np.ndarray], int]:
+    """{activation: E[x^T x]} over the rows of each activation (masked rows left out), and the samples used."""
+    from onnxopt.passes.calibrate import exposed_model, limited_batches
+
+    from onnxopt.runtime import make_session, run_batch
+
+    graph_inputs = {i.name for i in model.graph.input}
+    fetch = [t for t in tensors if t not in graph_inputs]
+    session = make_session(exposed_model(model, fetch), opt_level="basic", what="model (gptq calibration)")
+    feed_names = {i.name for i in session.get_inputs()}
+    mask_name = next((m for m in cfg.mask_inputs if m in feed_names), None)
+    grams = {t: np.zeros((k, k)) for t, k in tensors.items()}
+    rows_seen = dict.fromkeys(tensors, 0)
+    done = 0
+    total = len(source) if cfg.max_samples is None else min(len(source), cfg.max_samples)
+    with progress.task("quantize-weight-only: input Hessians", total) as bar:
+        for batch in limited_batches(source, cfg.batch_size, cfg.max_samples):
+            feed = {k: v for k, v in batch.items() if k in feed_names}
+            values = run_batch(session, feed, fetch, first_sample=done) if fetch else {}
+            mask = np.asarray(batch[mask_name]) != 0 if mask_name else None
+            for t, k in tensors.items():
+                x = values[t] if t in values else batch[t]
+                if x.shape[-1] != k:
+                    raise OnnxoptError(f"quantize-weight-only: activation {t!r} has {x.shape[-1]} features, "
+                                       f"expected {k}")
+                rows = x.reshape(-1, k)
+                if mask is not None and x.shape[:-1] == mask.shape:
+                    rows = rows[mask.reshape(-1)]
+                rows = np.ascontiguousarray(rows, dtype=np.float32)
+                for start in range(0, rows.shape[0], GRAM_CHUNK):
+                    part = rows[start:start + GRAM_CHUNK]
+                    grams[t] += (part.T @ part).astype(np.float64)
+                rows_seen[t] += rows.shape[0]
+            n = next(iter(batch.values())).shape[0]
+            done += n
+            bar.update(n)
+    if done == 0:
+        raise OnnxoptError(f"quantize-weight-only: no calibration samples in {source.description}")
+    return {t: g / max(rows_seen[t], 1) for t, g in grams.items()}, done
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Target:
+    node: onnx.NodeProto
+    label: str
+    weight: str
+    stored: np.ndarray  # the initializer as stored
+    wt: np.ndarray  # [N, K] float32 view used for quantization (transB undone; alpha not applied)
+    act: str
+    form: str  # "matmulnbits" | "dequantize-linear" | "gather"
+    k_axis: int  # reduction axis of ``stored`` (dequantize-linear)
+
+
+class QuantizeWeightOnly(Pass):
+    name = "quantize-weight-only"
+    summary = ("Weight-only int4/int8 block quantization of MatMul/Gemm weights (MatMulNBits or opset-21 "
+               "DequantizeLinear) and optionally embedding tables; RTN or GPTQ with --calib.")
+    Config = QuantizeWeightOnlyConfig
+
+    def requires(self, model: onnx.ModelProto) -> None:
+        super().requires(model)
+        if self.config.method == "gptq" and self.context.calibration is None:
+            raise PreconditionError("method 'gptq' needs calibration data (pass it with --calib)")
+
+    def call(self, model: onnx.ModelProto) -> WeightOnlyResult:
+        cfg: QuantizeWeightOnlyConfig = self.config  # type: ignore[assignment]
+        method = cfg.method if cfg.method != "auto" else ("gptq" if self.context.calibration is not None else "rtn")
+        index = GraphIndex(model.graph)
+        result = WeightOnlyResult(model, False)
+        targets = self._targets(index, result.skipped)
+        if any(t.form == "dequantize-linear" for t in targets) and opset_version(model) < 21:
+            model = self._upgrade(model)
+            index = GraphIndex(model.graph)
+            result.skipped.clear()
+            targets = self._targets(index, result.skipped)
+        hessians: dict[str, np.ndarray] = {}
+        linear = [t for t in targets if t.form != "gather"]
+        if method == "gptq" and linear:
+            acts = {t.act: t.wt.shape[1] for t in linear}
+            hessians, result.calibration_samples = collect_hessians(
+                model, self.context.calibration, acts, cfg, self.context.progress)
+        pending: dict[int, list[onnx.NodeProto]] = {}
+        dropped: set[str] = set()
+        for t in targets:
+            bits = cfg.embedding_bits if t.form == "gather" else cfg.bits
+            block = cfg.embedding_block_size if t.form == "gather" else cfg.block_size
+            h = hessians.get(t.act)
+            how = "gptq" if (t.form != "gather" and h is not None) else "rtn"
+            q = gptq(t.wt, h, bits, block, cfg.symmetric, cfg.damping, cfg.clip_search) if how == "gptq" else \
+                rtn(t.wt, bits, block, cfg.symmetric, cfg.clip_search)
+            deq = q.dequantized()
+            before = int(t.stored.nbytes)
+            new_nodes, after = self._rewrite(index, t, q, bits, block)
+            pending[id(t.node)] = new_nodes
+            dropped.add(t.weight)
+            if t.form == "matmulnbits" and t.node.op_type == "Gemm" and len(t.node.input) > 2:
+                dropped.add(t.node.input[2])  # now the kernel's bias input (scaled by beta)
+            result.layers[t.label] = LayerQuant(
+                node=t.label, op_type=t.node.op_type, weight=t.weight, shape=list(t.stored.shape), bits=bits,
+                block_size=block, method=how, format=t.form, weight_error=rel_error(t.wt, deq),
+                output_error=rel_error(t.wt, deq, h) if h is not None else None, bytes_before=before,
+                bytes_after=after)
+        self._apply(index, pending, dropped)
+        if any(t.form != "dequantize-linear" for t in targets) and \
+                not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        result.model = model
+        result.modified = bool(result.layers)
+        layers = result.layers.values()
+        result.details = {
+            "method": method,
+            "bits": cfg.bits,
+            "block_size": cfg.block_size,
+            "quantized": len(result.layers),
+            "skipped": len(result.skipped),
+            "calibration_samples": result.calibration_samples,
+            "bytes_before": sum(v.bytes_before for v in layers),
+            "bytes_after": sum(v.bytes_after for v in layers),
+            "layers": {k: v.to_dict() for k, v in result.layers.items()},
+            "skipped_layers": dict(result.skipped),
+        }
+        return result
+
+    # --- which weights --------------------------------------------------------------------------
+    def _excluded(self, *names: str) -> bool:
+        return any(fnmatch.fnmatchcase(n, pat) for n in names if n for pat in self.config.exclude)
+
+    def _targets(self, index: GraphIndex, skipped: dict[str, str]) -> list[_Target]:
+        cfg: QuantizeWeightOnlyConfig = self.config  # type: ignore[assignment]
+        out: list[_Target] = []
+        for node in index.graph.node:
+            if node.domain not in DEFAULT_DOMAINS or len(node.input) < 2:
+                continue
+            kind = node.op_type
+            if kind == "Gather" and not cfg.embeddings or kind not in ("MatMul", "Gemm", "Gather"):
+                continue
+            wname = node.input[0] if kind == "Gather" else node.input[1]
+            w = index.constant(wname)
+            label = node.name or f"{kind}({node.output[0]})"
+            if w is None or w.dtype != np.float32 or index.constant(node.input[1 if kind == "Gather" else 0]) \
+                    is not None:
+                continue
+            if wname not in index.initializers or wname in index.graph_inputs:
+                skipped[label] = f"weight {wname!r} is not an initializer"
+                continue
+            if self._excluded(node.name, wname):
+                skipped[label] = "excluded"
+                continue
+            if w.size < cfg.min_elements:
+                skipped[label] = f"{w.size} elements < min_elements {cfg.min_elements}"
+                continue
+            others = [u for u in index.uses(wname) if u is not node]
+            if others or index.is_output(wname):
+                skipped[label] = f"weight {wname!r} is shared with {len(others)} other node(s)"
+                continue
+            if kind == "Gather":
+                why = self._gather_problem(node, w)
+                if why:
+                    skipped[label] = why
+                    continue
+                out.append(_Target(node, label, wname, w, w, node.input[1], "gather", 1))
+                continue
+            t = self._linear_target(index, node, label, wname, w, skipped)
+            if t is not None:
+                out.append(t)
+        return out
+
+    def _gather_problem(self, node: onnx.NodeProto, w: np.ndarray) -> str | None:
+        if w.ndim != 2:
+            return f"table of rank {w.ndim} (GatherBlockQuantized: 2-D tables)"
+        if attr(node, "axis", 0) not in (0, -2):
+            return "gathers on axis 1"
+        if w.shape[1] % self.config.embedding_block_size:
+            return f"row length {w.shape[1]} is not a multiple of embedding_block_size"
+        return None
+
+    def _linear_target(self, index, node, label, wname, w, skipped) -> _Target | None:
+        cfg: QuantizeWeightOnlyConfig = self.config  # type: ignore[assignment]
+        if node.op_type == "MatMul":
+            if w.ndim < 2:
+                skipped[label] = "1-D weight"
+                return None
+            fits = w.ndim == 2
+            form = "matmulnbits" if fits and cfg.format != "dequantize-linear" else "dequantize-linear"
+            if cfg.format == "matmulnbits" and not fits:
+                skipped[label] = f"weight of rank {w.ndim}: MatMulNBits takes 2-D weights"
+                return None
+            if w.ndim != 2:  # rank 3+: DequantizeLinear blocked along K, no Hessian
+                return _Target(node, label, wname, w, np.moveaxis(w, -2, -1).reshape(-1, w.shape[-2]),
+                               node.input[0], form, w.ndim - 2)
+            return _Target(node, label, wname, w, np.ascontiguousarray(w.T), node.input[0], form, 0)
+        # Gemm
+        if w.ndim != 2:
+            return None
+        trans_b = bool(attr(node, "transB", 0))
+        wt = w if trans_b else np.ascontiguousarray(w.T)
+        fits = not attr(node, "transA", 0) and self._gemm_bias(index, node, wt.shape[0]) is not False
+        form = "matmulnbits" if fits and cfg.format != "dequantize-linear" else "dequantize-linear"
+        if cfg.format == "matmulnbits" and not fits:
+            skipped[label] = "Gemm with transA or a bias that is not one row: MatMulNBits cannot express it"
+            return None
+        return _Target(node, label, wname, w, wt, node.input[0], form, 1 if trans_b else 0)
+
+    @staticmethod
+    def _gemm_bias(index: GraphIndex, node: onnx.NodeProto, n: int):
+        """The [N] float32 bias ``beta * C`` of a Gemm (None without C); False if it is not one constant row."""
+        if len(node.input) < 3 or not node.input[2]:
+            return None
+        c = index.constant(node.input[2])
+        if c is None or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
+            return False
+        return (np.broadcast_to(c.reshape(-1), (n,)) * float(attr(node, "beta", 1.0))).astype(np.float32)
+
+    # --- rewriting ----------------------------------------------------------------------------
+    def _rewrite(self, index: GraphIndex, t: _Target, q: Quantized, bits: int, block: int):
+        """New nodes that replace ``t.node`` and the bytes of the new constants."""
+        cfg: QuantizeWeightOnlyConfig = self.config  # type: ignore[assignment]
+        node = t.node
+        base = node.name or node.output[0]
+        sym = cfg.symmetric
+        if t.form == "gather":
+            return self._gather(index, t, q, bits, block)
+        if t.form == "matmulnbits":
+            n, k = t.wt.shape
+            packed = pack_bits(q.codes, bits)  # [N, k_blocks, blob]
+            scales = q.scales
+            inputs = [node.input[0]]
+            if node.op_type == "Gemm":
+                scales = (scales * np.float32(attr(node, "alpha", 1.0))).astype(np.float32)
+            b_name = index.add_initializer(packed, f"{t.weight}_q{bits}")
+            s_name = index.add_initializer(scales.reshape(-1), f"{t.weight}_scales")
+            inputs += [b_name, s_name]
+            size = packed.nbytes + scales.nbytes
+            if not sym:
+                zp = pack_bits(q.zero_points, bits).reshape(-1)
+                inputs.append(index.add_initializer(zp, f"{t.weight}_zero_points"))
+                size += zp.nbytes
+            bias = self._gemm_bias(index, node, n) if node.op_type == "Gemm" else None
+            if bias is not None:
+                if sym:
+                    inputs.append("")
+                inputs += ["", index.add_initializer(bias, f"{t.weight}_bias")]
+                size += bias.nbytes
+            new = helper.make_node("MatMulNBits", inputs, [node.output[0]], name=index.unique_name(base + MARK),
+                                   domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block,
+                                   accuracy_level=cfg.accuracy_level)
+            return [new], size
+        # DequantizeLinear (opset 21) in the stored layout, blocked along t.k_axis
+        k = t.stored.shape[t.k_axis]
+        codes = q.codes.reshape(q.codes.shape[0], -1)[:, :k]  # [rows of wt, K]
+        scales, zps = q.scales, q.zero_points
+        if t.stored.ndim == 2:
+            if t.k_axis == 0:  # stored [K, N]; wt [N, K]
+                codes, scales, zps = codes.T, scales.T, zps.T
+        else:  # stored [..., K, N]; wt [(...) * N, K]
+            lead = t.stored.shape[:-2]
+            n = t.stored.shape[-1]
+            codes = np.moveaxis(codes.reshape(*lead, n, k), -1, -2)
+            scales = np.moveaxis(scales.reshape(*lead, n, -1), -1, -2)
+            zps = np.moveaxis(zps.reshape(*lead, n, -1), -1, -2)
+        mid = 1 << (bits - 1)
+        if sym:  # signed codes, zero point 0 (omitted)
+            dtype = ml_dtypes.int4 if bits == 4 else np.int8
+            data = (codes - mid).astype(dtype)
+        else:
+            dtype = ml_dtypes.uint4 if bits == 4 else np.uint8
+            data = codes.astype(dtype)
+        q_name = index.add_initializer(np.ascontiguousarray(data), f"{t.weight}_q{bits}")
+        s_name = index.add_initializer(np.ascontiguousarray(scales), f"{t.weight}_scales")
+        inputs = [q_name, s_name]
+        size = (data.size * bits + 7) // 8 + scales.nbytes
+        if not sym:
+            z = np.ascontiguousarray(zps.astype(dtype))
+            inputs.append(index.add_initializer(z, f"{t.weight}_zero_points"))
+            size += (z.size * bits + 7) // 8
+        deq = index.unique_name(f"{t.weight}_dequantized")
+        dq = helper.make_node("DequantizeLinear", inputs, [deq], name=index.unique_name(base + MARK + "/dq"),
+                              axis=t.k_axis, block_size=block)
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        new.input[1] = deq
+        return [dq, new], size
+
+    def _gather(self, index: GraphIndex, t: _Target, q: Quantized, bits: int, block: int):
+        node = t.node
+        base = node.name or node.output[0]
+        sym = self.config.symmetric
+        codes = q.codes.reshape(q.codes.shape[0], -1)  # [V, D] (D a multiple of block: no padding)
+        mid = 1 << (bits - 1)
+        if bits == 4:
+            data = (codes - mid).astype(ml_dtypes.int4) if sym else codes.astype(ml_dtypes.uint4)
+            zdtype = ml_dtypes.uint4
+        else:  # uint8 codes; the kernel's default zero point for uint8 is 128 = the symmetric middle
+            data = codes.astype(np.uint8)
+            zdtype = np.uint8
+        inputs = [index.add_initializer(data, f"{t.weight}_q{bits}"), node.input[1],
+                  index.add_initializer(q.scales, f"{t.weight}_scales")]
+        size = (data.size * bits + 7) // 8 + q.scales.nbytes
+        if not sym:
+            z = q.zero_points.astype(zdtype)
+            inputs.append(index.add_initializer(z, f"{t.weight}_zero_points"))
+            size += (z.size * bits + 7) // 8
+        new = helper.make_node("GatherBlockQuantized", inputs, [node.output[0]], name=index.unique_name(base + MARK),
+                               domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=block, bits=bits)
+        return [new], size
+
+    def _apply(self, index: GraphIndex, pending: dict[int, list[onnx.NodeProto]], dropped: set[str]) -> None:
+        g = index.graph
+        nodes = []
+        for n in g.node:
+            nodes.extend(pending.get(id(n), [n]))
+        del g.node[:]
+        g.node.extend(nodes)
+        index.refresh()
+        dead = {name for name in dropped if not index.uses(name) and not index.is_output(name)}
+        if dead:
+            keep = [t for t in g.initializer if t.name not in dead]
+            del g.initializer[:]
+            g.initializer.extend(keep)
+            keep_vi = [v for v in g.value_info if v.name not in dead]
+            del g.value_info[:]
+            g.value_info.extend(keep_vi)
+        index.refresh()
+
+    def _upgrade(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        from onnx import version_converter
+
+        try:
+            return version_converter.convert_version(model, 21)
+        except Exception as exc:  # noqa: BLE001 - name what failed in one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PreconditionError("block-wise DequantizeLinear needs opset 21; onnx.version_converter failed "
+                                    f"to upgrade from {opset_version(model)}: {first}") from None
