@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from onnxopt.errors import OnnxoptError, PreconditionError
 from onnxopt.graph import GraphIndex, attr, opset_version, set_attr
 from onnxopt.isa import SCHEME_SPECS, SchemeChoice, choose_scheme, detect_cpu
+from onnxopt.mixed import BitAssignmentResult
 from onnxopt.pass_infra import Pass, PassConfig, PassResult
 from onnxopt.quant import (
     activation_params,
@@ -89,7 +90,7 @@ WEIGHT_ONLY_KERNELS = ("MatMulNBits", "MatMulBnb4")
 MS_DOMAIN = "com.microsoft"
 
 ActivationType = Literal["uint8", "int8", "uint16", "int16"]
-WeightType = Literal["int8", "uint8", "int4", "uint4"]
+WeightType = Literal["int8", "uint8", "int4", "uint4", "int16"]
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -212,6 +213,11 @@ class QuantizeQDQResult(PassResult):
     activations: dict[str, ActivationQuant] = field(default_factory=dict)
     weights: dict[str, WeightQuant] = field(default_factory=dict)  # by node name
     kernels: KernelShare | None = None
+    # The float model this pass quantized and the bias-correction means it used, so a later pass
+    # (latency-placement) can re-quantize single nodes differently without re-reading the data.
+    source: onnx.ModelProto | None = None
+    means: tuple[dict[str, np.ndarray], int] | None = None
+    config: QuantizeQDQConfig | None = None
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -350,6 +356,8 @@ class QuantizeQDQ(Pass):
     summary = ("Static INT8 quantization: QuantizeLinear/DequantizeLinear placed for ONNX Runtime's integer "
                "kernels, per-channel weights, scheme chosen for the CPU.")
     Config = QuantizeQDQConfig
+    # Bias-correction means computed earlier for the same float model (set by latency-placement).
+    precomputed_means: tuple[dict[str, np.ndarray], int] | None = None
 
     # -- entry points ----------------------------------------------------------------------------
     def requires(self, model: onnx.ModelProto) -> None:
@@ -385,7 +393,7 @@ class QuantizeQDQ(Pass):
         return SchemeChoice(cfg.scheme, "set in the recipe", caps.describe())
 
     def call(self, model: onnx.ModelProto) -> QuantizeQDQResult:
-        cfg: QuantizeQDQConfig = self.config
+        cfg: QuantizeQDQConfig = self._with_bit_assignment(self.config)
         ranges = self._ranges()
         choice = self._scheme()
         spec = SCHEME_SPECS[choice.scheme]
@@ -395,8 +403,10 @@ class QuantizeQDQ(Pass):
             per_channel=cfg.per_channel,
             reduce_range=cfg.reduce_range if cfg.reduce_range is not None else spec.reduce_range,
         )
-        self._validate_names(model)
-        upgrade = self._maybe_upgrade(model, defaults)
+        self._validate_names(model, cfg)
+        source = onnx.ModelProto()
+        source.CopyFrom(model)
+        upgrade = self._maybe_upgrade(model, defaults, cfg)
         if upgrade is not None:
             model = upgrade[0]
         work = _Quantizer(model, cfg, defaults, ranges)
@@ -404,7 +414,10 @@ class QuantizeQDQ(Pass):
         if cfg.bias_correction == "on" and data is None:
             raise PreconditionError("bias_correction: on needs calibration data (pass it with --calib)")
         if cfg.bias_correction != "off" and data is not None:
-            work.collect_means(data)
+            if self.precomputed_means is not None:
+                work.means, work.means_samples = self.precomputed_means
+            else:
+                work.collect_means(data)
         work.run()
         details: dict[str, Any] = {
             "scheme": choice.scheme,
@@ -441,7 +454,9 @@ class QuantizeQDQ(Pass):
             if kernels.float_nodes:
                 details["float_compute_nodes"] = list(kernels.float_nodes[:10])
         return QuantizeQDQResult(work.model, work.modified or upgrade is not None, details, scheme=choice,
-                                 activations=work.activation_quant, weights=work.weight_quant, kernels=kernels)
+                                 activations=work.activation_quant, weights=work.weight_quant, kernels=kernels,
+                                 source=source, config=self.config,
+                                 means=(work.means, work.means_samples) if work.means is not None else None)
 
     def ensures(self, model: onnx.ModelProto) -> None:
         # One QuantizeLinear per tensor, and a DequantizeLinear shared by several nodes never feeds
@@ -466,8 +481,16 @@ class QuantizeQDQ(Pass):
                                             "quantized (ORT fuses a DequantizeLinear into one node only)")
 
     # -- validation ------------------------------------------------------------------------------
-    def _validate_names(self, model: onnx.ModelProto) -> None:
-        cfg: QuantizeQDQConfig = self.config
+    def _with_bit_assignment(self, cfg: QuantizeQDQConfig) -> QuantizeQDQConfig:
+        """The bit-assignment pass's overrides (if it ran earlier) first; the recipe's own win over them."""
+        bits = self.context.latest(BitAssignmentResult)
+        if bits is None or not bits.overrides:
+            return cfg
+        extra = [QuantOverride.model_validate(o) for o in bits.overrides]
+        return cfg.model_copy(update={"overrides": extra + list(cfg.overrides)})
+
+    def _validate_names(self, model: onnx.ModelProto, cfg: QuantizeQDQConfig | None = None) -> None:
+        cfg = cfg or self.config
         nodes = {n.name: n for n in model.graph.node if n.name}
         for op in (cfg.op_types or []):
             if op not in ANCHOR_OPS + TRANSPARENT_OPS:
@@ -505,8 +528,8 @@ class QuantizeQDQ(Pass):
             raise PreconditionError(f"{where}: {what} has no weights (weight settings apply to "
                                     f"{', '.join(COMPUTE_OPS)})")
 
-    def _maybe_upgrade(self, model: onnx.ModelProto, defaults: _Setting):
-        cfg: QuantizeQDQConfig = self.config
+    def _maybe_upgrade(self, model: onnx.ModelProto, defaults: _Setting, cfg: QuantizeQDQConfig | None = None):
+        cfg = cfg or self.config
         current = opset_version(model)
         need, why = 10, "QuantizeLinear/DequantizeLinear"
         if defaults.per_channel or any(ov.per_channel for ov in cfg.overrides):
@@ -515,6 +538,8 @@ class QuantizeQDQ(Pass):
             ov.weight_type in ("int4", "uint4") for ov in cfg.overrides)
         if four_bit:
             need, why = 21, "4-bit weights"
+        elif defaults.weight_type == "int16" or any(ov.weight_type == "int16" for ov in cfg.overrides):
+            need, why = 21, "16-bit weights"
         if current >= need:
             return None
         if not cfg.allow_opset_upgrade:
@@ -1171,7 +1196,8 @@ class _Quantizer:
         probe.CopyFrom(self.model)
         del probe.graph.output[:]
         probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in wanted)
-        session = make_session(probe, opt_level="basic", what="model (bias-correction statistics)")
+        # level "all": exposed outputs are never fused away, and the convolutions run on fast kernels
+        session = make_session(probe, opt_level="all", what="model (bias-correction statistics)")
         sums: dict[str, np.ndarray] = {}
         bad: set[str] = set()
         count = 0
@@ -1182,7 +1208,9 @@ class _Quantizer:
                 k = v.shape[0]
                 if t in bad:
                     continue
-                part = v.astype(np.float64).sum(axis=0)
+                # float32 within a batch (a few samples: ~1e-6 relative), float64 across batches;
+                # no float64 copy of the whole activation batch (that copy was most of the time)
+                part = v.sum(axis=0).astype(np.float64)
                 if t in sums and sums[t].shape != part.shape:  # varying spatial size: no per-position mean
                     bad.add(t)
                     continue

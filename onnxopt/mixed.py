@@ -1,0 +1,215 @@
+"""Mixed precision: the components a bit width is chosen for, their scores, and the chosen bits.
+
+Shared by the ``significance`` pass (scores per component), the ``bit-assignment`` pass (bits per
+component from scores and a budget) and the ``quantize-qdq`` pass, which reads the latest
+``BitAssignmentResult`` and applies its overrides. Kept in the core so that scores from a file
+(Hessian traces, a user's own metric) drive the same assignment as scores computed here.
+
+A *weight component* is the constant weight of one Conv/ConvTranspose/Gemm/MatMul node, keyed by
+the node's name (the weight's name when the node has none); with channel groups a component is
+one slice of output channels (``name#g``). An *activation component* is a node's output tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxopt.errors import OnnxoptError
+from onnxopt.graph import GraphIndex, attr
+from onnxopt.model_io import atomic_write
+from onnxopt.pass_infra import PassResult
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+SCORES_VERSION = 1
+# Weight types the QDQ pass takes for each width (8: the scheme's own type, e.g. uint8 under u8u8).
+WEIGHT_TYPE_FOR_BITS = {4: "int4", 8: None, 16: "int16"}
+ACTIVATION_TYPE_FOR_BITS = {8: None, 16: "uint16"}
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    kind: str  # "weight" | "activation"
+    op_type: str
+    node: str  # node name ("" if the node has none)
+    tensor: str  # weight initializer, or activation tensor
+    params: int  # weight parameters in this component (0 for activations)
+    axis: int | None = None  # output-channel axis of the weight
+    group: int | None = None  # channel group index when scoring per group
+    channels: tuple[int, int] | None = None  # [start, stop) of the group's output channels
+
+
+def weight_axis(node: onnx.NodeProto, ndim: int) -> int:
+    """Output-channel axis of a weight, as the QDQ pass quantizes it per channel."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if attr(node, "transB", 0) else 1
+    return ndim - 1
+
+
+def component_key(node: onnx.NodeProto) -> str:
+    return node.name or node.input[1]
+
+
+def weight_components(model: onnx.ModelProto, channel_groups: int = 1) -> list[Component]:
+    """Every constant float weight of a compute op in graph order (split into channel groups)."""
+    idx = GraphIndex(model.graph)
+    out: list[Component] = []
+    for n in model.graph.node:
+        if n.op_type not in WEIGHTED_OPS or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+            continue
+        w = idx.constant(n.input[1])
+        if w is None or w.dtype != np.float32 or w.ndim < 1 or (n.op_type != "MatMul" and w.ndim < 2):
+            continue
+        if n.input[1] not in idx.initializers:
+            continue  # Constant-node weights: constant folding turns them into initializers
+        key = component_key(n)
+        axis = weight_axis(n, w.ndim)
+        if channel_groups <= 1:
+            out.append(Component(key, "weight", n.op_type, n.name, n.input[1], int(w.size), axis))
+            continue
+        n_ch = w.shape[axis]
+        bounds = np.linspace(0, n_ch, min(channel_groups, n_ch) + 1).round().astype(int)
+        per_channel = w.size // n_ch
+        for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            out.append(Component(f"{key}#{g}", "weight", n.op_type, n.name, n.input[1],
+                                 int((b - a) * per_channel), axis, g, (int(a), int(b))))
+    return out
+
+
+def layer_of(name: str) -> str:
+    """The layer a (possibly per-group) component belongs to."""
+    return name.split("#", 1)[0]
+
+
+def fake_quantize(w: np.ndarray, bits: int, axis: int | None,
+                  channels: tuple[int, int] | None = None) -> np.ndarray:
+    """Symmetric per-channel quantize-dequantize of ``w`` to ``bits`` (only ``channels`` if given).
+
+    Any width from 2 bits (ternary) up: int4/int8 match what ``onnxopt.quant.weight_params``
+    gives with symmetric=True (max |w| / (2^(b-1) - 1)).
+    """
+    w = np.asarray(w, dtype=np.float32)
+    qmax = (1 << (bits - 1)) - 1
+    red_axes = tuple(i for i in range(w.ndim) if axis is None or i != axis % w.ndim)
+    absmax = np.abs(w).max(axis=red_axes, keepdims=True).astype(np.float64) if w.size else np.zeros(())
+    scale = (absmax / qmax).astype(np.float32)
+    scale[scale == 0] = 1.0
+    q = (np.clip(np.rint(w / scale), -qmax, qmax) * scale).astype(np.float32)
+    if channels is None or axis is None:
+        return q
+    out = w.copy()
+    sl = [slice(None)] * w.ndim
+    sl[axis % w.ndim] = slice(*channels)
+    out[tuple(sl)] = q[tuple(sl)]
+    return out
+
+
+# --- scores ------------------------------------------------------------------------------------
+@dataclass
+class ScoreEntry:
+    name: str
+    kind: str
+    op_type: str
+    tensor: str
+    params: int
+    score: float
+
+
+@dataclass
+class SignificanceResult(PassResult):
+    entries: list[ScoreEntry] = field(default_factory=list)
+    metric: str = ""
+    setting_bits: int = 4  # the aggressive width the scores were measured at
+    samples: int = 0
+    critical_classes: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return {e.name: e.score for e in self.entries}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": SCORES_VERSION, "metric": self.metric, "setting_bits": self.setting_bits,
+                "samples": self.samples, "critical_classes": list(self.critical_classes),
+                "components": [asdict(e) for e in self.entries]}
+
+
+def save_scores(result: SignificanceResult, path: str | Path) -> None:
+    with atomic_write(path) as f:
+        json.dump(result.to_json(), f, indent=1)
+
+
+def load_scores(path: str | Path) -> SignificanceResult:
+    """Scores written by ``save_scores`` or by hand: ``{"components": [{"name", "score"}, ...]}``
+    (optionally ``kind``, ``params``, ...), or a plain ``{name: score}`` mapping."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise OnnxoptError(f"{path}: cannot read scores ({exc})") from None
+    if isinstance(raw, dict) and "components" not in raw:
+        raw = {"components": [{"name": k, "score": v} for k, v in raw.items()]}
+    if not isinstance(raw, dict) or not isinstance(raw.get("components"), list):
+        raise OnnxoptError(f"{path}: expected {{\"components\": [{{\"name\": ..., \"score\": ...}}]}} "
+                           "or a {name: score} mapping")
+    entries = []
+    for i, c in enumerate(raw["components"]):
+        if not isinstance(c, dict) or "name" not in c or "score" not in c:
+            raise OnnxoptError(f"{path}: component {i} needs 'name' and 'score'")
+        try:
+            score = float(c["score"])
+        except (TypeError, ValueError):
+            raise OnnxoptError(f"{path}: component {c['name']!r}: score {c['score']!r} is not a number") from None
+        if not math.isfinite(score):
+            raise OnnxoptError(f"{path}: component {c['name']!r}: score is not finite")
+        entries.append(ScoreEntry(str(c["name"]), str(c.get("kind", "weight")), str(c.get("op_type", "")),
+                                  str(c.get("tensor", "")), int(c.get("params", 0)), score))
+    return SignificanceResult(onnx.ModelProto(), False, {}, entries=entries, metric=str(raw.get("metric", "file")),
+                              setting_bits=int(raw.get("setting_bits", 4)), samples=int(raw.get("samples", 0)),
+                              critical_classes=[int(c) for c in raw.get("critical_classes", [])])
+
+
+# --- assignment --------------------------------------------------------------------------------
+@dataclass
+class BitAssignmentResult(PassResult):
+    weight_bits: dict[str, int] = field(default_factory=dict)  # layer key -> bits
+    activation_bits: dict[str, int] = field(default_factory=dict)  # tensor -> bits
+    # QuantOverride dicts for the quantize-qdq pass (plain data: also written to a file)
+    overrides: list[dict[str, Any]] = field(default_factory=list)
+    average_bits: float = 0.0
+    weight_bytes: int = 0
+
+
+def average_bits(bits: dict[str, int], params: dict[str, int]) -> float:
+    total = sum(params[k] for k in bits)
+    return sum(bits[k] * params[k] for k in bits) / total if total else 0.0
+
+
+def overrides_for(weight_bits: dict[str, int], activation_bits: dict[str, int],
+                  components: list[Component]) -> list[dict[str, Any]]:
+    """One override per width (nodes listed in graph order); 8-bit layers keep the scheme's type."""
+    by_key = {c.name: c for c in components}
+    out: list[dict[str, Any]] = []
+    for bits in sorted(set(weight_bits.values())):
+        wt = WEIGHT_TYPE_FOR_BITS.get(bits)
+        if wt is None:
+            continue
+        nodes = [by_key[k].node for k in by_key if weight_bits.get(k) == bits]
+        if nodes:
+            out.append({"nodes": nodes, "weight_type": wt})
+    for bits in sorted(set(activation_bits.values())):
+        at = ACTIVATION_TYPE_FOR_BITS.get(bits)
+        tensors = [t for t, b in activation_bits.items() if b == bits]
+        if at is not None and tensors:
+            out.append({"tensors": tensors, "activation_type": at})
+    return out
