@@ -52,7 +52,6 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnx import helper
 from onnxopt.passes.quantize_qdq import (
     ANCHOR_OPS,
     COMPUTE_OPS,
@@ -64,10 +63,11 @@ from onnxopt.passes.quantize_qdq import (
 from pydantic import Field
 
 from onnxopt.errors import PreconditionError
-from onnxopt.graph import GraphIndex, attr
+from onnxopt.graph import attr
 from onnxopt.isa import detect_cpu
 from onnxopt.pass_infra import Pass, PassConfig, PassResult
 from onnxopt.profiling import Profile, make_session, op_kinds, profile
+from onnxopt.quant import shield_float_ops
 
 Variant = Literal["int8", "int8-rr", "float"]
 VARIANTS: tuple[str, ...] = ("int8", "int8-rr", "float")
@@ -164,60 +164,6 @@ def count_macs(model: onnx.ModelProto) -> int | None:
             k = a[-2] if n.op_type == "Gemm" and attr(n, "transA", 0) else a[-1]
             total += math.prod(y) * k
     return total
-
-
-def shield_float_ops(model: onnx.ModelProto, names: list[str]) -> int:
-    """Keep ORT from re-quantizing float Conv/ConvTranspose/Gemm that read a quantized activation.
-
-    ORT's ``WeightBiasQuantization`` transformer (basic level) turns any of these ops whose input 0
-    comes from a per-tensor DequantizeLinear and whose weight is a float initializer into a QDQ
-    group, quantizing the weight per tensor on its own - on EfficientNet-Lite0's depthwise convs
-    that drops the output SQNR from 25 to 9 dB. It only matches a *scalar* input scale, so such an
-    op gets its own DequantizeLinear with the same scale repeated per channel (axis 1): the same
-    numbers, and ORT leaves the op in float. Returns how many ops were shielded.
-    """
-    idx = GraphIndex(model.graph)
-    wanted = set(names)
-    count = 0
-    for node in list(model.graph.node):
-        if node.name not in wanted or node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 2:
-            continue
-        dq = idx.producer(node.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear":
-            continue
-        has_zp = len(dq.input) > 2 and bool(dq.input[2])
-        scale = idx.constant(dq.input[1])
-        zp = idx.constant(dq.input[2]) if has_zp else None
-        w = idx.constant(node.input[1])
-        if scale is None or scale.size != 1 or w is None or (has_zp and zp is None):
-            continue
-        if node.op_type == "Gemm":
-            channels = w.shape[1] if attr(node, "transB", 0) else w.shape[0]
-        elif node.op_type == "Conv":
-            channels = w.shape[1] * int(attr(node, "group", 1))
-        else:
-            channels = w.shape[0]
-        if channels < 2:
-            continue  # a [1] scale counts as scalar for ORT
-        ins = [dq.input[0], idx.add_initializer(np.full(channels, scale.reshape(()), np.float32),
-                                                f"{node.name}_input_scale")]
-        if zp is not None:
-            ins.append(idx.add_initializer(np.full(channels, zp.reshape(()), zp.dtype), f"{node.name}_input_zero_point"))
-        out = idx.unique_name(f"{node.name}_input_dequantized")
-        new = helper.make_node("DequantizeLinear", ins, [out], axis=1, domain=dq.domain,
-                               name=idx.unique_name(f"{node.name}_input_DequantizeLinear"))
-        anchor = next(n for n in model.graph.node if n.name == node.name)
-        anchor.input[0] = out
-        idx.insert_before(anchor, [new])
-        count += 1
-    if count:  # DQs that only fed the shielded ops
-        used = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
-        keep = [n for n in model.graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] not in used)]
-        if len(keep) != len(model.graph.node):
-            del model.graph.node[:]
-            model.graph.node.extend(keep)
-        GraphIndex(model.graph).prune_unused_initializers()
-    return count
 
 
 def _sqnr(ref: list[np.ndarray], out: list[np.ndarray]) -> float:

@@ -60,6 +60,7 @@ from onnxopt.quant import (
     qtype,
     quantize,
     quantize_bias,
+    shield_float_ops,
     weight_params,
 )
 from onnxopt.ranges import CalibrationResult, TensorRange, load_ranges
@@ -419,6 +420,7 @@ class QuantizeQDQ(Pass):
             else:
                 work.collect_means(data)
         work.run()
+        shielded = shield_float_ops(work.model, work.excluded) if work.excluded else 0
         details: dict[str, Any] = {
             "scheme": choice.scheme,
             "scheme_reason": choice.reason,
@@ -441,6 +443,9 @@ class QuantizeQDQ(Pass):
             details["bias_correction"] = "off (no calibration data)"
         else:
             details["bias_correction"] = {"layers": corrected, "samples": work.means_samples}
+        if shielded:
+            # excluded ops would otherwise get per-tensor int8 weights from ORT (see shield_float_ops)
+            details["float_ops_shielded"] = shielded
         if upgrade is not None:
             details["opset_upgrade"] = {"from": upgrade[1], "to": upgrade[2], "why": upgrade[3]}
         kernels = None

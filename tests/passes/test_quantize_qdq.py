@@ -439,6 +439,29 @@ def test_exclude_nodes_and_op_types():
     assert not res.modified and not res.weights
 
 
+def test_excluded_conv_between_quantized_ops_really_stays_float():
+    """DQ -> float Conv -> Q is a pattern ORT's WeightBiasQuantization turns into an integer conv with
+    per-tensor weights of its own; the excluded conv reads a per-channel DQ instead, so ORT keeps it
+    float and the fused model computes exactly what the QDQ graph says."""
+    r = np.random.default_rng(3)
+    model = make_model([helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="first"),
+                        helper.make_node("Conv", ["a", "w2", "b2"], ["d"], name="second", group=4, pads=[1, 1, 1, 1]),
+                        helper.make_node("Conv", ["d", "w3", "b3"], ["y"], name="third")],
+                       [("x", ["N", 3, 6, 6])], ["y"],
+                       {"w1": r.standard_normal((4, 3, 1, 1)), "b1": r.standard_normal(4),
+                        "w2": r.standard_normal((4, 1, 3, 3)), "b2": r.standard_normal(4),
+                        "w3": r.standard_normal((5, 4, 1, 1)), "b3": r.standard_normal(5)})
+    feeds = x_feed((3, 6, 6))
+    res = quantize_model(model, feeds, exclude_nodes=["second"])
+    assert res.details["float_ops_shielded"] == 1
+    second = next(n for n in res.model.graph.node if n.name == "second")
+    dq = node_by_output(res.model, second.input[0])
+    assert dq.op_type == "DequantizeLinear" and init(res.model, dq.input[1]).shape == (4,)
+    integer, flt = integer_kernels(res.model)
+    assert integer == {"QLinearConv": 2} and sum(flt.values()) == 1
+    np.testing.assert_allclose(run(res.model, feeds), run_spec(res.model, feeds), rtol=0, atol=1e-5)
+
+
 def test_overrides_weight_type_weight_only_and_exclude():
     model = two_convs()
     feeds = x_feed((3, 4, 4))
