@@ -118,20 +118,28 @@ def main():
 @click.option("--calib", type=click.Path(), help="Calibration data: .npz, folder of .npz, or image folder.")
 @click.option("--val", type=click.Path(), help="Validation data; runs the gate after optimizing.")
 @click.option("--labels", type=click.Path(dir_okay=False), help="Labels for --val (.npy, or CSV file,class_index).")
+@click.option("--calib-labels", type=click.Path(dir_okay=False),
+              help="Labels for --calib (label-aware passes, e.g. semantic significance).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes for passes that parallelize (significance).")
+@click.option("--localize/--no-localize", default=None,
+              help="Per-layer error table (default: only when the gate fails).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Write report.json/.md and junit.xml here.")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for running data (default: recipe's).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails.")
 @gate_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress or tables, only errors.")
-def optimize(model, output, recipe, calib, val, labels, report_dir, batch_size, force, keep_failed, quiet, **kw):
+def optimize(model, output, recipe, calib, val, labels, calib_labels, workers, localize, report_dir, batch_size, force,
+             keep_failed, quiet, **kw):
     """Run a recipe's passes on MODEL, then the validation gate when --val is given."""
     from onnxopt.optimize import optimize as run
     from onnxopt.report import gate_table, summary_table
 
     result = run(model, output, recipe=recipe, calib=calib, val=val, labels=labels, report_dir=report_dir,
                  gate=_gate(kw), force=force, keep_failed=keep_failed, batch_size=batch_size,
-                 progress=_progress(quiet), command=_command_line())
+                 progress=_progress(quiet), command=_command_line(), calib_labels=calib_labels, workers=workers,
+                 localize=localize)
     if not quiet:
         click.echo(summary_table(result.before, result.after, result.pipeline))
         if result.validation is not None:
@@ -160,16 +168,18 @@ def _failed(report) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]),
               help="ONNX Runtime graph-optimization level for both models.")
+@click.option("--localize/--no-localize", default=None,
+              help="Per-layer error table (default: only when the gate fails).")
 @gate_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress or tables, only the verdict.")
-def validate(reference, candidate, data, labels, recipe, report_dir, batch_size, opt_level, quiet, **kw):
+def validate(reference, candidate, data, labels, recipe, report_dir, batch_size, opt_level, localize, quiet, **kw):
     """Run REFERENCE and CANDIDATE in ONNX Runtime on the same inputs and apply the gate."""
     from onnxopt.optimize import validate_files
     from onnxopt.report import gate_table
 
     report = validate_files(reference, candidate, data, labels=labels, recipe=recipe, gate=_gate(kw),
                             report_dir=report_dir, batch_size=batch_size, opt_level=opt_level,
-                            progress=_progress(quiet), command=_command_line())
+                            progress=_progress(quiet), command=_command_line(), localize=localize)
     if not quiet:
         click.echo(gate_table(report))
         if report_dir:

@@ -85,6 +85,9 @@ def optimize(
     batch_size: int | None = None,
     progress: Progress | None = None,
     command: str | None = None,
+    calib_labels: str | Path | None = None,
+    workers: int = 1,
+    localize: bool | None = None,
 ) -> OptimizeResult:
     """Run ``recipe`` on the model at ``model_path``; validate on ``val`` if given; save to ``output``.
 
@@ -101,10 +104,14 @@ def optimize(
     _check_report_dir(report_dir)
     if labels is not None and val is None:
         raise OnnxoptError("--labels needs --val (the labels belong to the validation data)")
+    if calib_labels is not None and calib is None:
+        raise OnnxoptError("--calib-labels needs --calib (the labels belong to the calibration data)")
     original = load_model(model_path)
-    context = PassContext(progress=progress)
+    context = PassContext(progress=progress, workers=workers)
     if calib is not None:
         context.calibration = open_data(calib, original, rec.data)
+        if calib_labels is not None:
+            context.calibration_labels = load_labels(calib_labels, context.calibration)
     val_data = open_data(val, original, rec.data) if val is not None else None
     val_labels = load_labels(labels, val_data) if labels is not None else None
     context.validation = val_data
@@ -131,6 +138,7 @@ def optimize(
             batch_size=batch_size or rec.data.batch_size,
             progress=progress,
         )
+        _maybe_localize(result.validation, original, pipeline.model, val_data, localize, progress)
     if report_dir is not None:
         from onnxopt.report import write_reports
 
@@ -162,6 +170,7 @@ def validate_files(
     opt_level: str | None = None,
     progress: Progress | None = None,
     command: str | None = None,
+    localize: bool | None = None,
 ):
     """Compare ``candidate`` with ``reference`` on ``data``; returns a ValidationReport."""
     from onnxopt.data import load_labels, open_data
@@ -184,9 +193,23 @@ def validate_files(
         progress=progress or SILENT,
         **kwargs,
     )
+    _maybe_localize(report, ref, cand, source, localize, progress or SILENT)
     if report_dir is not None:
         from onnxopt.report import write_reports
 
         write_reports(report_dir, validation=report, before=summarize(ref), after=summarize(cand),
                       recipe=rec.to_dict() if recipe is not None else None, command=command)
     return report
+
+
+def _maybe_localize(report, reference, candidate, data, localize: bool | None, progress: Progress) -> None:
+    """Per-layer errors when asked for (``localize=True``), or by default when the gate failed."""
+    if localize is False or (localize is None and report.passed):
+        return
+    from onnxopt.localize import localize as run_localize
+
+    progress.message("localizing the error per layer")
+    try:
+        report.localization = run_localize(reference, candidate, data)
+    except OnnxoptError as exc:  # diagnostics must not hide the gate's verdict
+        report.notes.append(f"per-layer localization failed: {exc}")

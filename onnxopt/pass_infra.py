@@ -46,7 +46,8 @@ class PassContext:
 
     calibration: Any = None  # onnxopt.data.DataSource, when --calib is given
     validation: Any = None
-    labels: Any = None
+    labels: Any = None  # labels of ``validation``
+    calibration_labels: Any = None  # labels of ``calibration`` (--calib-labels), for label-aware passes
     cache_dir: Path | None = None
     workers: int = 1
     seed: int = 0

@@ -198,6 +198,21 @@ def _status_counts(v: ValidationReport) -> str:
     return ", ".join(parts)
 
 
+def _localization_rows(loc, limit: int | None = None) -> list[list[str]]:
+    worst = {id(x) for x in loc.worst}
+    layers = loc.layers if limit is None or len(loc.layers) <= limit else loc.worst
+    return [[x.node or x.tensor, x.op_type, f"{x.sqnr_db:.1f}", f"{x.cosine:.4f}",
+             f"-{x.jump_db:.1f}" if x.jump_db > 0 else "", "<<" if id(x) in worst else ""] for x in layers]
+
+
+def _localization_text(loc) -> str:
+    """Per-layer SQNR/cosine in graph order (only the worst layers when there are many)."""
+    head = f"per-layer error ({loc.samples} samples): {loc.summary()}"
+    rows = _localization_rows(loc, limit=40)
+    table = _text_table(["layer", "op", "SQNR dB", "cosine", "jump dB", ""], rows, right={2, 3, 4})
+    return head + "\n" + table
+
+
 def gate_table(validation: ValidationReport) -> str:
     """Per-output metrics and one PASS/FAIL/SKIP line per check, for the terminal."""
     v = validation
@@ -214,6 +229,8 @@ def gate_table(validation: ValidationReport) -> str:
         out.append(f"{c.status.upper():4}  {c.message}")
     for note in v.notes:
         out.append(f"note: {note}")
+    if v.localization is not None:
+        out.append(_localization_text(v.localization))
     if not v.checks:
         out.append("gate: no thresholds set")
     else:
@@ -314,6 +331,12 @@ def markdown_report(*, validation: ValidationReport | None = None, pipeline: Pip
             lines += ["No gate thresholds were set: metrics are informational.", ""]
         if v.notes:
             lines += ["Notes:", ""] + [f"- {_md_cell(n)}" for n in v.notes] + [""]
+        if v.localization is not None:
+            loc = v.localization
+            lines += ["## Per-layer error", "", f"{_md_cell(loc.summary())} ({loc.samples} samples; SQNR and "
+                      "cosine of each layer's output against the reference, in graph order).", ""]
+            lines += _md_table(["layer", "op", "SQNR (dB)", "cosine", "jump (dB)", ""],
+                               _localization_rows(loc), right={2, 3, 4}) + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -93,6 +93,7 @@ class ValidationReport:
     labels: bool = False
     gate: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    localization: Any = None  # onnxopt.localize.Localization, when asked for or the gate failed
 
     @property
     def data_description(self) -> str:
@@ -138,6 +139,7 @@ class ValidationReport:
             "outputs": {name: m.to_dict() for name, m in self.outputs.items()},
             "checks": [c.to_dict() for c in self.checks],
             "notes": list(self.notes),
+            **({"localization": self.localization.to_dict()} if self.localization is not None else {}),
         })
 
 
