@@ -59,7 +59,7 @@ def build_preset(preset: str, calib: Path | None, out: Path) -> tuple[Path, floa
     model = load_model(MODEL)
     ctx = PassContext(calibration=open_data(str(calib), model, recipe.data) if calib else None)
     result = PassManager(recipe.build_passes(ctx), check=False).run(model)
-    save_model(result.model, out)
+    save_model(result.model, out, force=True)  # rebuilt every run: the cache must not go stale
     return out, time.perf_counter() - start
 
 
@@ -116,9 +116,13 @@ def main() -> None:
 
     one = pad_ids(ids[:1], MAX_LEN)
     eight = pad_ids(ids[:8], MAX_LEN)
+    # 128 real tokens (no padding): attention over every key, the case padding tricks cannot help
+    body = [t for x in ids for t in x[1:-1]][: MAX_LEN - 2]
+    full = pad_ids([[ids[0][0], *body, ids[0][-1]]], MAX_LEN)
     rounds = 5 if args.quick else 15
     print("latency ...", file=sys.stderr)
     lat1 = interleaved_latency({k: (session(p), one) for k, p in models.items()}, rounds=rounds, per_round=3)
+    lat_full = interleaved_latency({k: (session(p), full) for k, p in models.items()}, rounds=rounds, per_round=3)
     lat8 = interleaved_latency({k: (session(p), eight) for k, p in models.items()}, rounds=max(rounds // 3, 2),
                                per_round=2)
 
@@ -132,14 +136,15 @@ def main() -> None:
         mb = file_mb(p)
         rows.append([k, f"{acc:.2f}", f"{acc - fp32_acc:+.2f}", f"{(logits.argmax(1) == ref_logits.argmax(1)).mean() * 100:.2f}",
                      f"{cos.mean():.5f}", f"{mb:.1f}", f"{mb / fp32_mb:.3f}",
-                     f"{lat1[k]:.1f}", f"{lat1['fp32'] / lat1[k]:.2f}x", f"{lat8[k]:.0f}", f"{lat8['fp32'] / lat8[k]:.2f}x",
+                     f"{lat1[k]:.1f}", f"{lat1['fp32'] / lat1[k]:.2f}x",
+                     f"{lat_full[k]:.1f}", f"{lat_full['fp32'] / lat_full[k]:.2f}x", f"{lat8[k]:.0f}", f"{lat8['fp32'] / lat8[k]:.2f}x",
                      f"{build_s[k]:.0f}" if k in build_s else "–"])
     import onnxruntime
 
     print(f"MiniLM-L6 SST-2: {n} dev sentences (batch 1, unpadded), {args.calib} calibration sentences; "
-          f"latency L={MAX_LEN}, one thread, interleaved; onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}")
+          f"latency L={MAX_LEN} (b1: a dev sentence padded to {MAX_LEN}; b1 full: {MAX_LEN} real tokens; b8: 8 padded), one thread, interleaved; onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}")
     print(markdown_table(["model", "acc %", "Δ pt", "agree %", "emb cos", "MB", "size ×", "b1 ms", "b1 speed-up",
-                          "b8 ms", "b8 speed-up", "build s"], rows))
+                          "b1 full ms", "b1 full speed-up", "b8 ms", "b8 speed-up", "build s"], rows))
 
 
 if __name__ == "__main__":

@@ -167,3 +167,38 @@ def test_input_model_is_not_modified():
     quantize(model)
     assert model.SerializeToString() == before
     assert onnx.load_from_string(before).graph.node[0].op_type == "MatMul"
+
+
+def _mask(rows: list[list[int]]) -> dict[str, np.ndarray]:
+    mask = np.array(rows, np.int64)
+    ids = np.random.default_rng(3).integers(1, 300, mask.shape).astype(np.int64) * mask
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("rows", [
+    [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]],  # right padding: keys 5.. go
+    [[1, 0, 1, 0, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]],  # holes stay masked, keys 6.. go
+    [[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0, 0, 0]],  # a full row: nothing to trim
+    [[1, 0, 0, 0, 0, 0, 0, 0]],  # one key left
+])
+def test_masked_keys_are_trimmed_without_changing_outputs(rows):
+    fused = run(bert_model(layers=2), TransformerFusion()).model
+    trimmed, _ = quantize(fused, min_weight_elements=200)
+    kept, _ = quantize(fused, min_weight_elements=200, trim_masked_keys=False)
+    counts = ops(trimmed)
+    assert counts["Slice"] == 2 * 2 + 1 and counts["ReduceMax"] == 1  # K and V per layer, the mask once
+    assert "Slice" not in ops(kept)
+    mha = [n for n in trimmed.graph.node if n.op_type == "MultiHeadAttention"]
+    slices = {n.output[0] for n in trimmed.graph.node if n.op_type == "Slice"}
+    assert all(n.input[1] in slices and n.input[2] in slices and n.input[4] in slices for n in mha)
+    feeds = _mask(rows)
+    for want, got in zip(ort_run(kept, feeds), ort_run(trimmed, feeds), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_trimming_keeps_one_key_when_the_whole_batch_is_masked():
+    fused = run(bert_model(layers=1), TransformerFusion()).model
+    trimmed, _ = quantize(fused, min_weight_elements=200)
+    feeds = _mask([[0] * 6, [0] * 6])
+    for got in ort_run(trimmed, feeds):
+        assert np.isfinite(got).all()
