@@ -17,31 +17,42 @@ reports on the calibration activations.
 "+ int8" rows: the float variant, then calibrate + quantize-qdq (Lite0: as in the int8 preset; MiniLM: the
 MatMuls with constant weights only, see ``minilm_int8``); their params are those of the float model.
 
-Calibration data (tokenized sentences, preprocessed images) is written as .npz under --work
-(default /tmp/onnxopt-bench-lowrank), never inside the repository. Data-aware variants use
-``sst2_calib.tsv`` (1,000 sentences) / ``imagenet/calib`` (200 images); nothing of the dev/val sets.
+Each variant runs twice with the same configs: ``method: weight`` (plain SVD) and ``method: data-aware``
+(whitened by the calibration activations), so the two rows have the same ranks and parameter count.
+
+Calibration data (tokenized sentences in length buckets, preprocessed images) is written as .npz under
+--work (default /tmp/onnxopt-bench-lowrank), never inside the repository; loading, tokenizing, sessions,
+timing and the table come from ``bench/common.py``. Data-aware variants use ``sst2_calib.tsv`` (1,000
+sentences) / ``imagenet/calib`` (200 images); nothing of the dev/val sets.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "models"
-TEXT = SHARED / "text"
-IMAGENET = SHARED / "imagenet"
-MAX_LEN = 128
+from common import (
+    IMAGENET,
+    MAX_LEN,
+    SHARED,
+    TEXT,
+    file_mb,
+    imagenet_arrays,
+    imagenet_val,
+    interleaved_latency,
+    markdown_table,
+    read_tsv,
+    run_batched,
+    session,
+    text_feeds,
+    tokenize,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,16 +83,6 @@ def int8_passes() -> list[dict] | None:
     return [{"type": "calibrate", "cache": False}, {"type": "quantize-qdq"}]
 
 
-def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
 def param_count(model: onnx.ModelProto, prefix: str | None = None, exclude: tuple[str, ...] = ()) -> int:
     """Elements of the initializers read by nodes whose name starts with ``prefix`` (all nodes if None)."""
     sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}
@@ -90,23 +91,6 @@ def param_count(model: onnx.ModelProto, prefix: str | None = None, exclude: tupl
         if (prefix is None or n.name.startswith(prefix)) and not any(n.name.startswith(e) for e in exclude):
             used.update(x for x in n.input if x in sizes)
     return sum(sizes[x] for x in used)
-
-
-def latency_ms(sessions: dict[str, tuple[ort.InferenceSession, dict]], rounds: int, per_round: int) -> dict[str, float]:
-    """Median ms per run of each session, interleaved: every round times every session in turn."""
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for s, feed in sessions.values():  # warm-up
-        for _ in range(3):
-            s.run(None, feed)
-    order = list(sessions)
-    for r in range(rounds):
-        for name in order if r % 2 == 0 else order[::-1]:
-            s, feed = sessions[name]
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                s.run(None, feed)
-                times[name].append(1000 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 @dataclass
@@ -125,55 +109,43 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def layer_errors(results) -> tuple[int, float | None]:
+def layer_errors(results, key: str = "output_error") -> tuple[int, float | None]:
+    """(factorized layers, median of their ``key`` error) over the low-rank results of a pipeline."""
     from onnxopt.passes.lowrank_svd import LowRankResult
 
     errs, n = [], 0
     for r in results:
         if isinstance(r, LowRankResult):
             n += len(r.layers)
-            errs += [c.output_error for c in r.layers.values() if c.output_error is not None]
+            errs += [getattr(c, key) for c in r.layers.values() if getattr(c, key) is not None]
     return n, (statistics.median(errs) if errs else None)
 
 
-def file_mb(model: onnx.ModelProto) -> float:
-    return model.ByteSize() / 1e6
+def run_variant(rows: list[Row], label: str, cfgs: list[dict], run, add) -> list[dict]:
+    """Weight-only, then data-aware with the same configs; returns the data-aware passes.
+
+    The weight-only run gets no calibration data (it needs none); its row's output error is the one the
+    data-aware run reports for the weight-only factors of the same layers at the same ranks (exact, from
+    the same activation statistics), so both rows are measured on the same data."""
+    weight = [{**c, "method": "weight"} for c in cfgs]
+    model, results = run(weight, False)
+    add(label, "weight", model, results)
+    weight_row = rows[-1]
+    aware = [{**c, "method": "data-aware"} for c in cfgs]
+    model, results = run(aware, True)
+    add(label, "data-aware", model, results)
+    weight_row.median_output_error = layer_errors(results, "weight_only_output_error")[1]
+    return aware
 
 
 # --------------------------------------------------------------------------------------------
 # MiniLM SST-2
 # --------------------------------------------------------------------------------------------
-def read_tsv(path: Path) -> tuple[list[str], np.ndarray]:
-    with open(path, encoding="utf-8") as fh:
-        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rows = [r for r in rows[1:] if r]
-    return [r[0] for r in rows], np.array([int(r[1]) for r in rows], dtype=np.int64)
-
-
-def tokenize(sentences: list[str]) -> list[list[int]]:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(TEXT / "tokenizer.json"))
-    tok.no_padding()
-    tok.enable_truncation(MAX_LEN)
-    return [e.ids for e in tok.encode_batch(sentences)]
-
-
-def pad_batch(ids: list[list[int]], length: int | None = None) -> dict[str, np.ndarray]:
-    length = length or max(len(x) for x in ids)
-    out = np.zeros((len(ids), length), dtype=np.int64)
-    mask = np.zeros_like(out)
-    for i, x in enumerate(ids):
-        out[i, : len(x)] = x
-        mask[i, : len(x)] = 1
-    return {"input_ids": out, "attention_mask": mask, "token_type_ids": np.zeros_like(out)}
-
-
 def text_batches(ids: list[list[int]], batch: int) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """Length-sorted batches (padding per batch), with the original positions."""
+    """Length-sorted batches (padded per batch, so padding does not dominate), with the original positions."""
     order = np.argsort([len(x) for x in ids], kind="stable")
-    return [(order[i:i + batch], pad_batch([ids[j] for j in order[i:i + batch]]))
-            for i in range(0, len(order), batch)]
+    feeds = text_feeds([ids[j] for j in order], batch)
+    return [(order[i * batch:(i + 1) * batch], f) for i, f in enumerate(feeds)]
 
 
 def text_calibration(work: Path, model: onnx.ModelProto, batch: int = 16):
@@ -189,16 +161,6 @@ def text_calibration(work: Path, model: onnx.ModelProto, batch: int = 16):
     return open_data(folder, model)
 
 
-def text_predict(model: onnx.ModelProto, batches) -> np.ndarray:
-    s = session(model)
-    n = sum(len(idx) for idx, _ in batches)
-    pred = np.empty(n, dtype=np.int64)
-    for idx, feed in batches:
-        logits = s.run(["logits"], feed)[0]
-        pred[idx] = logits.argmax(1)
-    return pred
-
-
 def text_logits(model: onnx.ModelProto, batches) -> np.ndarray:
     s = session(model)
     n = sum(len(idx) for idx, _ in batches)
@@ -212,13 +174,14 @@ ENCODER = "/b/encoder/"
 FFN_OUT = "*/layer.?/output/dense/*"
 QUERY_KEY = ["*/self/query/*", "*/self/key/*"]
 
-# (label, lowrank-svd configs applied in order); param_ratio is per layer
+# (label, lowrank-svd configs applied in order); param_ratio is per layer unless allocation is global
 MINILM_VARIANTS = [
     ("FFN-out 0.45 + query/key 0.6", [{"param_ratio": 0.6, "include": QUERY_KEY},
                                       {"param_ratio": 0.45, "include": [FFN_OUT]}]),
-    ("all layers, ratio 0.75", [{"param_ratio": 0.75, "include": [ENCODER + "*"]}]),
-    ("all layers, ratio 0.9", [{"param_ratio": 0.9, "include": [ENCODER + "*"]}]),
-    ("all layers, energy 0.985", [{"energy": 0.985, "include": [ENCODER + "*"]}]),
+    ("all layers, global budget 0.75", [{"param_ratio": 0.75, "allocation": "global", "include": [ENCODER + "*"]}]),
+    ("all layers, each 0.75", [{"param_ratio": 0.75, "include": [ENCODER + "*"]}]),
+    ("FFN-out 0.3 + query/key 0.4", [{"param_ratio": 0.4, "include": QUERY_KEY},
+                                     {"param_ratio": 0.3, "include": [FFN_OUT]}]),
 ]
 MINILM_QUICK = MINILM_VARIANTS[:1]
 
@@ -251,15 +214,12 @@ def bench_minilm(args, rows: list[Row]) -> None:
     variants = MINILM_QUICK if args.quick else MINILM_VARIANTS
     best = None
     for label, cfgs in variants:
-        for method in ("weight", "data-aware"):
-            passes = [{"type": "lowrank-svd", "method": method, **c} for c in cfgs]
-            model, results = run_recipe(clean, passes, calib if method == "data-aware" else None)
-            add(label, method, model, results)
-            if method == "data-aware" and best is None:
-                best = (label, passes)
+        aware = run_variant(rows, label, [{"type": "lowrank-svd", **c} for c in cfgs],
+                            lambda passes, data: run_recipe(clean, passes, calib if data else None), add)
+        best = best or (label, aware)
     with_int8(rows, "MiniLM", args, best, lambda m, passes: run_recipe(m or clean, passes, calib), add,
               int8_for=minilm_int8)
-    latency(rows, "MiniLM", pad_batch([dev_ids[0]], MAX_LEN), args)
+    latency(rows, "MiniLM", text_feeds([dev_ids[0]], 1, pad_to=MAX_LEN)[0], args)
 
 
 NOTES: list[str] = []
@@ -320,7 +280,7 @@ def latency(rows: list[Row], name: str, feed: dict[str, np.ndarray], args) -> No
     for i, r in enumerate(mine):
         s = session(r.extra["model"], threads=1)
         sessions[str(i)] = (s, {k: v for k, v in feed.items() if k in {x.name for x in s.get_inputs()}})
-    ms = latency_ms(sessions, rounds=args.rounds, per_round=args.per_round)
+    ms = interleaved_latency(sessions, rounds=args.rounds, per_round=args.per_round)
     for i, r in enumerate(mine):
         r.latency = ms[str(i)]
 
@@ -328,33 +288,12 @@ def latency(rows: list[Row], name: str, feed: dict[str, np.ndarray], args) -> No
 # --------------------------------------------------------------------------------------------
 # EfficientNet-Lite0
 # --------------------------------------------------------------------------------------------
-def image_arrays(folder: Path, n: int | None, out: Path) -> np.ndarray:
-    """RGB, short side 256 (bilinear), centre crop 224, as uint8 NCHW (cached as .npz under --work)."""
-    if out.exists():
-        return np.load(out)["x"]
-    from onnxopt.data import preprocess_image
-    from onnxopt.recipe import ImageSpec
-
-    spec = ImageSpec(resize_short=256, center_crop=224)
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".jpeg", ".jpg", ".png"))[:n]
-    x = np.stack([np.clip(np.rint(preprocess_image(f, spec)), 0, 255).astype(np.uint8) for f in files])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, x=x, files=np.array([f.name for f in files]))
-    return x
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    return (x.astype(np.float32) - 127.0) / 128.0
-
-
-def image_logits(model: onnx.ModelProto, x: np.ndarray, batch: int = 25) -> np.ndarray:
-    s = session(model)
-    name = s.get_inputs()[0].name
-    return np.concatenate([s.run(None, {name: normalize(x[i:i + batch])})[0] for i in range(0, len(x), batch)])
+def image_logits(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return run_batched(session(model), x)
 
 
 LITE0_VARIANTS = [
-    ("classifier Gemm, ratio 0.5", [{"type": "lowrank-svd", "param_ratio": 0.5}]),
+    ("classifier Gemm, ratio 0.75", [{"type": "lowrank-svd", "param_ratio": 0.75}]),
     ("head 1x1 conv + classifier, ratio 0.5", [{"type": "lowrank-tucker", "param_ratio": 0.5,
                                                 "include": ["/_conv_head/*"]},
                                                {"type": "lowrank-svd", "param_ratio": 0.5}]),
@@ -367,15 +306,10 @@ def bench_lite0(args, rows: list[Row]) -> None:
     work = Path(args.work)
     print("EfficientNet-Lite0: cleanup, images ...", file=sys.stderr, flush=True)
     clean = cleaned(IMAGENET / "efficientnet_lite0.onnx", work / "lite0_clean.onnx")
-    x = image_arrays(IMAGENET / "val", None, work / "lite0_val_u8.npz")
-    names = np.load(work / "lite0_val_u8.npz")["files"]
-    with open(IMAGENET / "val_labels.csv", encoding="utf-8") as fh:
-        labels = {r[0]: int(r[1]) for r in csv.reader(fh) if r and r[0] != "file"}
-    y = np.array([labels[str(n)] for n in names])
+    x, y = imagenet_val()
     calib_npz = work / f"lite0_calib{args.lite0_calib}.npz"
     if not calib_npz.exists():
-        c = image_arrays(IMAGENET / "calib", args.lite0_calib, work / f"lite0_calib{args.lite0_calib}_u8.npz")
-        np.savez(calib_npz, input=normalize(c))
+        np.savez(calib_npz, input=imagenet_arrays(IMAGENET / "calib", args.lite0_calib))
     from onnxopt.data import open_data
 
     calib = open_data(calib_npz, clean)
@@ -395,32 +329,28 @@ def bench_lite0(args, rows: list[Row]) -> None:
     variants = LITE0_QUICK if args.quick else LITE0_VARIANTS
     best = None
     for label, cfgs in variants:
-        for method in ("weight", "data-aware"):
-            passes = [{**c, "method": method} for c in cfgs]
-            model, results = run_recipe(clean, passes, calib if method == "data-aware" else None)
-            add(label, method, model, results)
-            if method == "data-aware" and best is None:
-                best = (label, passes)
+        aware = run_variant(rows, label, cfgs, lambda passes, data: run_recipe(clean, passes, calib if data else None),
+                            add)
+        best = best or (label, aware)
     with_int8(rows, "Lite0", args, best, lambda m, passes: run_recipe(m or clean, passes, calib), add)
-    latency(rows, "Lite0", {"input": normalize(x[:1])}, args)
+    latency(rows, "Lite0", {"input": x[:1]}, args)
 
 
 # --------------------------------------------------------------------------------------------
 # Table
 # --------------------------------------------------------------------------------------------
 def table(rows: list[Row]) -> str:
-    head = ("| model | variant | method | params | vs fp32 | file MB | latency ms | top-1 % | agree % | layers "
-            "| median out err |")
-    lines = [head, "|" + "---|" * 11]
     base = {r.model: r for r in rows if r.variant.startswith("fp32 (")}
+    body = []
     for r in rows:
         b = base.get(r.model)
-        ratio = f"{b.params / r.params:.2f}x" if b else ""
-        err = f"{r.median_output_error:.3f}" if r.median_output_error is not None else ""
-        lat = f"{r.latency:.1f}" if r.latency is not None else ""
-        lines.append(f"| {r.model} | {r.variant} | {r.method} | {r.params:,} | {ratio} | {r.file_mb:.1f} | {lat} | "
-                     f"{r.accuracy:.2f} | {r.agreement:.2f} | {r.layers or ''} | {err} |")
-    return "\n".join(lines)
+        body.append([r.model, r.variant, r.method, f"{r.params:,}", f"{b.params / r.params:.2f}x" if b else "",
+                     f"{r.file_mb:.1f}", f"{r.latency:.1f}" if r.latency is not None else "",
+                     f"{b.latency / r.latency:.2f}x" if b and b.latency and r.latency else "",
+                     f"{r.accuracy:.2f}", f"{r.agreement:.2f}", r.layers or "",
+                     f"{r.median_output_error:.3f}" if r.median_output_error is not None else ""])
+    return markdown_table(["model", "variant", "method", "params", "fewer", "file MB", "latency ms", "speed-up",
+                           "top-1 %", "agree %", "layers", "median out err"], body)
 
 
 def main() -> None:
@@ -450,7 +380,9 @@ def main() -> None:
         print(f"note: {note}")
     print("\nparams: MiniLM = initializers of the /b/encoder/ nodes (fp32: 10,646,968); Lite0 = all initializers. "
           "latency: batch 1 (MiniLM L=128), one thread, median of interleaved rounds. agree: argmax agreement "
-          "with fp32. median out err: median over factorized layers of the output error on calibration activations.")
+          "with fp32. median out err: median over factorized layers of ||Y - Y_r|| / ||Y|| on the calibration "
+          "activations (weight rows: the weight-only factors at the same ranks, from the data-aware run's statistics). "
+          "speed-up: fp32 latency / row latency.")
 
 
 if __name__ == "__main__":

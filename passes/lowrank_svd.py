@@ -42,8 +42,10 @@ Rank, per layer, from exactly one rule: ``rank`` (fixed), ``energy`` (smallest r
 the squared singular values: of ``W`` for ``weight``, of ``S^T W`` -- the output energy, or variance with
 the bias correction -- for ``data-aware``) or ``param_ratio`` (r = floor(ratio * K * N / (K + N)), at
 least 1); ``ranks`` maps node names (or weight names) to ranks and wins over the rule. With no rule and no
-map, ``param_ratio: 0.75``. ``include``/``exclude`` (fnmatch patterns on node or weight names) and
-``min_dim`` select the layers.
+map, ``param_ratio: 0.75``. ``allocation: global`` makes ``param_ratio`` one budget for all the selected
+layers together (``allocate_ranks``): ranks go where they cut a layer's relative (output, when
+data-aware) error by the largest factor per parameter, so layers whose spectrum falls fast give up more.
+``include``/``exclude`` (fnmatch patterns on node or weight names) and ``min_dim`` select the layers.
 
 The new nodes are named ``<node>/lowrank_svd/0`` and ``/1``; nodes so named are never factorized again,
 so the pass is idempotent.
@@ -72,6 +74,7 @@ DEFAULT_DOMAINS = ("", "ai.onnx")
 DEFAULT_RULE = ("param_ratio", 0.75)
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 SVD_MARK = "/lowrank_svd/"
+ALLOC_FLOOR = 1e-3  # allocation: a relative squared error this small counts as done (see allocate_ranks)
 GRAM_CHUNK = 8192  # rows per float32 product before adding into the float64 Gram matrix
 
 
@@ -128,6 +131,16 @@ class LowRankSVDConfig(LowRankConfigBase):
     type: Literal["lowrank-svd"] = "lowrank-svd"
     ranks: dict[str, PositiveInt] = Field(
         default_factory=dict, description="rank per layer, by node name or weight name (wins over the rule)")
+    allocation: Literal["per-layer", "global"] = Field(
+        "per-layer", description="param_ratio for each layer, or one budget for all the selected layers "
+                                 "together: ranks go where they cut a layer's relative error the most per "
+                                 "parameter")
+
+    @model_validator(mode="after")
+    def _global_needs_ratio(self):
+        if self.allocation == "global" and self.param_ratio is None:
+            raise ValueError("allocation 'global' needs param_ratio (the budget for all the layers together)")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +294,56 @@ def svd_rank_params(k: int, n: int, r: int) -> int:
 
 def ratio_rank(k: int, n: int, ratio: float) -> int:
     return max(1, int(math.floor(ratio * k * n / (k + n))))
+
+
+def allocate_ranks(layers: dict[str, tuple[int, int, np.ndarray]], ratio: float) -> dict[str, int]:
+    """Ranks for ``layers`` ({label: (K, N, singular values)}) within one budget of ``ratio * sum(K * N)``
+    parameters, minimising the sum over layers of ``log(e + ALLOC_FLOOR)``, ``e`` the relative squared error
+    (the fraction of the layer's energy discarded): greedily take the singular direction whose reduction of
+    that sum per parameter is largest. The log makes halving any layer's error worth about the same, so a
+    layer whose energy sits in a few directions is not cut down to those few; the floor stops a layer
+    already below ~3 % relative error from taking the budget (a pure log values 1e-6 -> 1e-12 as much as
+    0.5 -> 0.25). On MiniLM SST-2 (all 36 encoder matrices, budget 0.75, data-aware) this kept 78.6 % vs
+    77.6 % for the plain sum of relative errors, but a hand-picked split (FFN output and query/key only)
+    does better at the same size: see bench/lowrank.py.
+    A layer whose rank reaches ``K*N / (K+N)`` costs its dense size and its remaining directions are free:
+    it stays dense."""
+    import heapq
+
+    def cost(k, n, r):  # parameters at rank r (dense once the factors would not be smaller)
+        return min(r * (k + n), k * n)
+
+    budget = ratio * sum(k * n for k, n, _ in layers.values())
+    rank = dict.fromkeys(layers, 1)
+    spent = sum(cost(k, n, 1) for k, n, _ in layers.values())
+    tails = {}
+    for label, (_, _, s) in layers.items():
+        e = np.square(s, dtype=np.float64)
+        total = float(e.sum())
+        # tails[r]: fraction of the energy discarded at rank r, plus the floor
+        tails[label] = np.append(np.cumsum(e[::-1])[::-1], 0.0) / (total if total > 0 else 1.0) + ALLOC_FLOOR
+    heap = []
+
+    def push(label):
+        k, n, s = layers[label]
+        r = rank[label]
+        if r >= min(k, n, len(s)):
+            return
+        gain = math.log(tails[label][r] / tails[label][r + 1])
+        step = cost(k, n, r + 1) - cost(k, n, r)
+        # ties (and free steps past the break-even) are taken in a fixed order: deterministic ranks
+        heapq.heappush(heap, (-(gain / step) if step else -math.inf, label, step))
+
+    for label in sorted(layers):
+        push(label)
+    while heap:
+        _, label, step = heapq.heappop(heap)
+        if spent + step > budget:
+            continue  # this layer's next direction does not fit; a cheaper layer's may
+        spent += step
+        rank[label] += 1
+        push(label)
+    return rank
 
 
 # --------------------------------------------------------------------------------------------
@@ -702,20 +765,30 @@ class LowRankSVD(LowRankPassBase):
 
         grams = self.gather(model, chosen, request, result)
         with single_threaded_blas():
+            spectra = {}
             for t in chosen:
-                outcome = self._factor(index, t, method, grams.get(t.label))
+                stats = grams.get(t.label)
+                c, alpha = layer_gram(stats, method, self.corrects_bias(method, stats), self.config.damping)
+                spectra[t.label] = (spectrum_of(t.w, c), alpha)
+            allocated = {}
+            if self.config.allocation == "global":
+                free = [t for t in chosen if self.mapped_rank(t.label, t.weight) is None]
+                allocated = allocate_ranks({t.label: (*t.w.shape, spectra[t.label][0].s) for t in free},
+                                           self.config.param_ratio)
+            for t in chosen:
+                f, alpha = spectra.pop(t.label)
+                outcome = self._factor(index, t, method, grams.get(t.label), f, alpha, allocated.get(t.label))
                 if isinstance(outcome, str):
                     result.skipped[t.label] = outcome
                 else:
                     result.layers[t.label] = outcome
         return self.finish(index, result)
 
-    def _factor(self, index: GraphIndex, t: _Linear, method: str, stats: InputStats | None) -> LayerChoice | str:
+    def _factor(self, index: GraphIndex, t: _Linear, method: str, stats: InputStats | None, f: Spectrum,
+                alpha: float | None, allocated: int | None) -> LayerChoice | str:
         k, n = t.w.shape
         corrected = self.corrects_bias(method, stats)
-        c, alpha = layer_gram(stats, method, corrected, self.config.damping)
-        f = spectrum_of(t.w, c)
-        r = self.matrix_rank(t.label, t.weight, k, n, f.s)
+        r = allocated if allocated is not None else self.matrix_rank(t.label, t.weight, k, n, f.s)
         new_params = svd_rank_params(k, n, r)
         if new_params >= k * n and self.config.skip_unprofitable:
             return f"rank {r} saves nothing: r*(K+N) = {new_params} >= K*N = {k * n} (K={k}, N={n})"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from helpers import assert_idempotent, assert_same, init, make_model, ops, ort_run, rand, run, vi
 from onnx import helper, numpy_helper
-from onnxopt.passes.lowrank_svd import LowRankSVD, LowRankSVDConfig, LowRankSVDResult
+from onnxopt.passes.lowrank_svd import ALLOC_FLOOR, LowRankSVD, LowRankSVDConfig, LowRankSVDResult
 
 from onnxopt.data import from_arrays
 from onnxopt.errors import PassError, PreconditionError, RecipeError
@@ -324,6 +324,66 @@ def test_rank_map_by_node_or_weight_name_wins_over_the_rule():
     assert {k: v.rank for k, v in res.layers.items()} == {"fc1": 3, "fc2": 7, "fc3": 7}
 
 
+def three_layers(decays=(0.5, 0.9, 0.99), size=32):
+    """Three independent 32x32 layers whose singular values decay at different speeds."""
+    ws = []
+    for i, d in enumerate(decays):
+        rng = np.random.default_rng(i)
+        p_, _ = np.linalg.qr(rng.standard_normal((size, size)))
+        q_, _ = np.linalg.qr(rng.standard_normal((size, size)))
+        ws.append(((p_ * d ** np.arange(size)) @ q_.T).astype(np.float32))
+    return make_model([node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"fc{i}") for i in range(3)],
+                      [vi("x", ["B", size])], [vi(f"y{i}", ["B", size]) for i in range(3)],
+                      [init(f"w{i}", w) for i, w in enumerate(ws)]), ws
+
+
+def test_global_allocation_spends_one_budget_where_it_cuts_the_error_most():
+    model, ws = three_layers()
+    out, res = factorize(model, param_ratio=0.3, allocation="global")
+    ranks = {k: v.rank for k, v in res.layers.items()}
+    budget = 0.3 * 3 * 32 * 32
+    spent = sum(v.params_after for v in res.layers.values())
+    assert spent <= budget < spent + 64  # the budget is used up to one more direction
+    # unlike the even split (4 each): the nearly flat layer gives up rank to the two that decay
+    assert ranks["fc2"] < 4 < min(ranks["fc0"], ranks["fc1"])
+    # greedy on log(discarded fraction + floor), equal costs: every direction taken (beyond the first, which
+    # every layer keeps) cut the objective at least as much as the next direction of any layer does
+    taken, heads = [], []
+    for i, w in enumerate(ws):
+        s = np.linalg.svd(w.astype(np.float64), compute_uv=False)
+        tail = np.append(np.cumsum((s ** 2)[::-1])[::-1], 0) / np.sum(s ** 2) + ALLOC_FLOOR
+        gain = np.log(tail[1:-1] / tail[2:])  # gain[j - 1]: going from rank j to j + 1
+        r = ranks[f"fc{i}"]
+        taken += list(gain[:r - 1])
+        heads.append(gain[r - 1])
+    assert min(taken) >= max(heads) - 1e-3  # fc1 decays geometrically: its gains tie
+    _, even = factorize(model, param_ratio=0.3)
+    assert sum(v.params_after for v in even.layers.values()) <= budget
+    objective = lambda r: sum(np.log(c.weight_error ** 2 + ALLOC_FLOOR) for c in r.layers.values())  # noqa: E731
+    assert objective(res) < objective(even) - 1
+    x = rand(8, 32, seed=9)
+    for got, want, c in zip(ort_run(out, {"x": x}), ort_run(model, {"x": x}), res.layers.values(), strict=True):
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 3 * c.weight_error + 1e-5
+
+
+def test_global_allocation_keeps_a_layer_dense_when_its_rank_reaches_the_break_even():
+    model, _ = three_layers(decays=(0.3, 0.3, 1.0))  # fc2: a flat spectrum, every direction is worth as much
+    _, res = factorize(model, param_ratio=0.6, allocation="global")
+    assert set(res.layers) == {"fc0", "fc1"} and "saves nothing" in res.skipped["fc2"]
+    assert all(v.rank < 8 for v in res.layers.values())
+
+
+def test_global_allocation_is_data_aware_and_honours_the_rank_map():
+    model, _ = three_layers(decays=(0.9, 0.9, 0.9))
+    x = correlated(200, 32, latent=4, noise=0.02)
+    _, res = factorize(model, from_arrays({"x": x}, model), param_ratio=0.3, allocation="global",
+                       ranks={"fc0": 10}, damping=0)
+    assert res.method == "data-aware" and res.layers["fc0"].rank == 10
+    # the inputs live near 4 dimensions: the outputs of every layer too
+    assert all(v.output_error < 0.05 for v in res.layers.values())
+    assert sum(v.params_after for k, v in res.layers.items() if k != "fc0") <= 0.3 * 2 * 32 * 32
+
+
 def test_idempotent():
     model = make_model([node("MatMul", ["x", "w"], ["h"], name="fc"), node("Relu", ["h"], ["y"])],
                        [vi("x", ["B", 64])], [vi("y", ["B", 64])], [init("w", rand(64, 64, seed=1))])
@@ -348,6 +408,7 @@ def test_registered_as_a_pass():
     ({"rank": 4, "energy": 0.9}, r"at most one of rank, energy, param_ratio \(got rank and energy\)"),
     ({"method": "data"}, r"'method': Input should be 'weight' or 'data-aware'"),
     ({"rnk": 3}, r"unknown field 'rnk'"),
+    ({"allocation": "global", "rank": 3}, r"allocation 'global' needs param_ratio"),
 ])
 def test_bad_config_is_a_clear_recipe_error(cfg, message):
     with pytest.raises(RecipeError, match=message):
