@@ -25,6 +25,7 @@ from onnxopt.errors import OnnxoptError
 from onnxopt.graph import GraphIndex, attr
 from onnxopt.model_io import atomic_write
 from onnxopt.pass_infra import PassResult
+from onnxopt.quant import channel_axis_shape, range_weight_params
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SCORES_VERSION = 1
@@ -92,19 +93,27 @@ def layer_of(name: str) -> str:
     return name.split("#", 1)[0]
 
 
+def clipping_for(bits: int, clipping: str = "auto") -> bool:
+    """Whether weights of this width get MSE-optimal clipping (``auto``: at 4 bits and below), the
+    rule the quantize-qdq pass applies too, so scores measure the weights that are deployed."""
+    return bits <= 4 if clipping == "auto" else clipping == "mse"
+
+
 def fake_quantize(w: np.ndarray, bits: int, axis: int | None,
-                  channels: tuple[int, int] | None = None) -> np.ndarray:
+                  channels: tuple[int, int] | None = None, clipping: str = "auto") -> np.ndarray:
     """Symmetric per-channel quantize-dequantize of ``w`` to ``bits`` (only ``channels`` if given).
 
-    Any width from 2 bits (ternary) up: int4/int8 match what ``onnxopt.quant.weight_params``
-    gives with symmetric=True (max |w| / (2^(b-1) - 1)).
+    Any width from 2 bits (ternary) up, on [-(2^(b-1) - 1), 2^(b-1) - 1]; the scales are those of
+    ``onnxopt.quant.weight_params`` (symmetric, MSE-clipped per ``clipping_for``), so int4 and int8
+    land on the grid the quantize-qdq pass writes.
     """
     w = np.asarray(w, dtype=np.float32)
     qmax = (1 << (bits - 1)) - 1
-    red_axes = tuple(i for i in range(w.ndim) if axis is None or i != axis % w.ndim)
-    absmax = np.abs(w).max(axis=red_axes, keepdims=True).astype(np.float64) if w.size else np.zeros(())
-    scale = (absmax / qmax).astype(np.float32)
-    scale[scale == 0] = 1.0
+    if w.size == 0:
+        return w.copy()
+    scale, _ = range_weight_params(w, -qmax, qmax, 0, axis=axis, mse_clip=clipping_for(bits, clipping))
+    if axis is not None:
+        scale = scale.reshape(channel_axis_shape(w.ndim, axis % w.ndim, scale.size))
     q = (np.clip(np.rint(w / scale), -qmax, qmax) * scale).astype(np.float32)
     if channels is None or axis is None:
         return q

@@ -11,7 +11,7 @@ so that what a pass writes into the model is exactly what it reasons about.
 * ``activation_params``: per-tensor scale/zero point from a float range, asymmetric by
   default, with 0.0 always exactly representable (zero padding, ReLU, ...).
 * ``weight_params``: per-tensor or per-channel scales, symmetric by default, optionally on a
-  reduced (7-bit) range.
+  reduced (7-bit) range, optionally with each channel's range clipped to minimise its MSE.
 * ``quantize``/``dequantize``: the two ONNX ops in numpy, broadcasting along ``axis``.
 * ``quantize_bias``: int32 bias with scale ``input_scale * weight_scale``, after
   ``fit_weight_scale_for_bias`` has made sure it cannot overflow.
@@ -138,32 +138,87 @@ def _per_axis(v: np.ndarray | float, ndim: int, axis: int | None) -> np.ndarray:
 
 
 def weight_params(w: np.ndarray, qt: str = "int8", *, axis: int | None = 0, symmetric: bool = True,
-                  reduce_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  reduce_range: bool = False, mse_clip: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Scales (float32) and zero points for a weight tensor: per channel along ``axis``, or per
     tensor (0-d arrays) when ``axis`` is None.
 
     Symmetric (default): scale = max|w| / qmax_sym, e.g. max|w| / 127 for int8 (/ 63 with
     ``reduce_range``), zero point 0 (signed) or the middle of the type (unsigned). An all-zero
     channel gets scale 1.0 (its values quantize to the zero point whatever the scale).
+    ``mse_clip``: each channel's range shrunk by the ratio that minimises its squared rounding +
+    clipping error (``mse_clip_ratios``) - worth it at 4 bits, where max-abs wastes levels on outliers.
     """
-    w = np.asarray(w, dtype=np.float32)
     info = qtype(qt)
     lo, hi = qrange(info, symmetric=symmetric, reduce_range=reduce_range)
+    return range_weight_params(w, lo, hi, symmetric_zero_point(info), axis=axis, symmetric=symmetric,
+                               mse_clip=mse_clip)
+
+
+def _channels(w: np.ndarray, axis: int | None) -> np.ndarray:
     if axis is None:
-        red = w.reshape(1, -1)
-    else:
-        red = np.moveaxis(w, axis % w.ndim, 0).reshape(w.shape[axis], -1)
+        return w.reshape(1, -1)
+    return np.moveaxis(w, axis % w.ndim, 0).reshape(w.shape[axis], -1)
+
+
+def _params_at(red: np.ndarray, lo: int, hi: int, zp_sym: int, symmetric: bool,
+               ratio: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    ratio = np.asarray(ratio, dtype=np.float64)
     if symmetric:
         absmax = np.abs(red).max(axis=1).astype(np.float64) if red.size else np.zeros(red.shape[0])
+        if ratio.ndim or ratio != 1.0:
+            absmax = absmax * ratio
         scale = (absmax / ((hi - lo) / 2)).astype(np.float32)
         scale[scale == 0] = 1.0
-        zp = np.full(scale.shape, symmetric_zero_point(info), dtype=np.int64)
-    else:
-        rmin = np.minimum(red.min(axis=1), 0).astype(np.float64)
-        rmax = np.maximum(red.max(axis=1), 0).astype(np.float64)
-        scale = ((rmax - rmin) / (hi - lo)).astype(np.float32)
-        scale[scale == 0] = 1.0
-        zp = np.clip(np.rint(lo - rmin / scale.astype(np.float64)), lo, hi).astype(np.int64)
+        zp = np.full(scale.shape, zp_sym, dtype=np.int64)
+        return scale, zp
+    rmin = np.minimum(red.min(axis=1), 0).astype(np.float64)
+    rmax = np.maximum(red.max(axis=1), 0).astype(np.float64)
+    if ratio.ndim or ratio != 1.0:
+        rmin, rmax = rmin * ratio, rmax * ratio
+    scale = ((rmax - rmin) / (hi - lo)).astype(np.float32)
+    scale[scale == 0] = 1.0
+    zp = np.clip(np.rint(lo - rmin / scale.astype(np.float64)), lo, hi).astype(np.int64)
+    return scale, zp
+
+
+# Clipping ratios tried by the MSE search (1.0 first: ties keep the max-abs range).
+MSE_CLIP_GRID = tuple(np.round(np.linspace(1.0, 0.4, 61), 4))
+
+
+def mse_clip_ratios(red: np.ndarray, lo: int, hi: int, zp_sym: int = 0, *, symmetric: bool = True,
+                    grid: tuple[float, ...] = MSE_CLIP_GRID) -> np.ndarray:
+    """Per row of ``red`` ([channels, values]), the ratio of the max-abs range that minimises
+    ``||w - dequantize(quantize(w))||^2`` (rounding plus clipping error), searched on ``grid``.
+
+    Evaluated with the float32 scales the model would store, so the chosen error is the deployed one.
+    """
+    red = np.asarray(red, dtype=np.float32)
+    best = np.full(red.shape[0], np.inf)
+    ratio = np.ones(red.shape[0])
+    q = np.empty_like(red)
+    for r in grid:
+        scale, zp = _params_at(red, lo, hi, zp_sym, symmetric, r)
+        s, z = scale[:, None], zp[:, None].astype(np.float32)
+        np.divide(red, s, out=q)
+        np.rint(q, out=q)
+        q += z
+        np.clip(q, lo, hi, out=q)
+        q -= z
+        q *= s
+        q -= red
+        err = np.einsum("ij,ij->i", q, q, dtype=np.float64)
+        better = err < best * (1 - 1e-9)  # strictly better: ties keep the wider range
+        best[better], ratio[better] = err[better], r
+    return ratio
+
+
+def range_weight_params(w: np.ndarray, lo: int, hi: int, zp_sym: int = 0, *, axis: int | None = 0,
+                        symmetric: bool = True, mse_clip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``weight_params`` for an explicit integer range [lo, hi] (any width, e.g. ternary [-1, 1])."""
+    w = np.asarray(w, dtype=np.float32)
+    red = _channels(w, axis)
+    ratio = mse_clip_ratios(red, lo, hi, zp_sym, symmetric=symmetric) if mse_clip and red.size else 1.0
+    scale, zp = _params_at(red, lo, hi, zp_sym, symmetric, ratio)
     if axis is None:
         return scale.reshape(()), zp.reshape(())
     return scale, zp

@@ -18,8 +18,8 @@ Budgets (exactly one):
   found by bisection, then verified and repaired (walked forward) if the path is not monotone.
 
 The result (``BitAssignmentResult``) carries per-tensor overrides that ``quantize-qdq`` later in the
-same pipeline applies (4 bits: int4 weights, which ORT runs as DequantizeLinear + float op;
-16 bits: int16); ``overrides_file`` also writes them as a recipe snippet.
+same pipeline applies (4 bits: int4 weights with MSE-clipped per-channel ranges, which ORT runs
+as DequantizeLinear + float op; 16 bits: int16); ``overrides_file`` also writes them as a recipe snippet.
 """
 
 from __future__ import annotations

@@ -53,6 +53,8 @@ from onnxopt.runtime import make_session, run_batch
 class SignificanceConfig(PassConfig):
     type: Literal["significance"] = "significance"
     weight_bits: int = Field(4, ge=2, le=8, description="width a weight component is fake-quantized to")
+    weight_clipping: Literal["auto", "mse", "max"] = Field(
+        "auto", description="weight ranges as quantize-qdq sets them (auto: MSE-clipped at 4 bits and below)")
     activations: bool = Field(False, description="also score activation tensors (needs the calibrate pass)")
     activation_bits: int = Field(4, ge=2, le=8, description="width an activation component is fake-quantized to")
     channel_groups: int = Field(1, ge=1, description="score each weight per group of output channels")
@@ -171,7 +173,7 @@ def loss(metric: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | Non
 class _Scorer:
     def __init__(self, model_bytes: bytes, feeds, output: str, metric: str, labels, batch_size: int,
                  weight_bits: int, activation_bits: int, ranges: dict[str, tuple[float, float]],
-                 reference: np.ndarray | None = None):
+                 reference: np.ndarray | None = None, weight_clipping: str = "auto"):
         self.model = onnx.load_from_string(model_bytes)
         self.inits = {t.name: t for t in self.model.graph.initializer}
         self.batches = list(_batches(feeds, batch_size))
@@ -179,6 +181,7 @@ class _Scorer:
                        if labels is not None else [None] * len(self.batches))
         self.output, self.metric = output, metric
         self.weight_bits, self.activation_bits, self.ranges = weight_bits, activation_bits, ranges
+        self.weight_clipping = weight_clipping
         self.reference = ([reference[i:i + batch_size] for i in range(0, len(reference), batch_size)]
                           if reference is not None else self._outputs(self.model))
         self.base = self._loss(self.reference)
@@ -198,7 +201,8 @@ class _Scorer:
             saved = onnx.TensorProto()
             saved.CopyFrom(t)
             w = numpy_helper.to_array(t)
-            t.CopyFrom(numpy_helper.from_array(fake_quantize(w, self.weight_bits, c.axis, c.channels), t.name))
+            fq = fake_quantize(w, self.weight_bits, c.axis, c.channels, self.weight_clipping)
+            t.CopyFrom(numpy_helper.from_array(fq, t.name))
             try:
                 outs = self._outputs(self.model)
             finally:
@@ -318,7 +322,7 @@ class Significance(Pass):
                     ranges[c.tensor] = (float(r.min), float(r.max))
                     components.append(c)
         args = (model.SerializeToString(), feeds, output, metric, labels, cfg.batch_size, cfg.weight_bits,
-                cfg.activation_bits, ranges, ref)
+                cfg.activation_bits, ranges, ref, cfg.weight_clipping)
         scores = self._run(components, args, cfg.workers or self.context.workers)
         entries = [ScoreEntry(c.name, c.kind, c.op_type, c.tensor, c.params, scores[c.name]) for c in components]
         seconds = time.perf_counter() - start

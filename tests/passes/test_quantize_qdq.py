@@ -502,7 +502,12 @@ def test_int4_weights_upgrade_opset_and_report():
     second = next(n for n in res.model.graph.node if n.name == "second")
     dq = node_by_output(res.model, second.input[1])
     assert next(t for t in res.model.graph.initializer if t.name == dq.input[0]).data_type == TensorProto.INT4
-    assert np.abs(np.float32(res.weights["second"].scales) * 7 - np.abs(init(model, "w2")).reshape(2, -1).max(1)).max() < 1e-6
+    absmax = np.abs(init(model, "w2")).reshape(2, -1).max(1)
+    assert res.weights["second"].mse_clipped and np.all(np.float32(res.weights["second"].scales) * 7 <= absmax + 1e-6)
+    res = quantize_model(model, feeds, overrides=[{"nodes": ["second"], "weight_type": "int4",
+                                                   "weight_clipping": "max"}])
+    assert not res.weights["second"].mse_clipped
+    assert np.abs(np.float32(res.weights["second"].scales) * 7 - absmax).max() < 1e-6
     with pytest.raises(PreconditionError, match="allow_opset_upgrade"):
         quantize_model(model, feeds, allow_opset_upgrade=False, weight_type="int4")
 
