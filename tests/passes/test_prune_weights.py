@@ -339,3 +339,26 @@ def test_error_correction_target_keeps_directions_the_data_does_not_span():
     same = LayerStats(g, rows.mean(0), 4, cross=g, mean_orig=rows.mean(0), gram_orig=g)
     np.testing.assert_allclose(same.target(w, 0.01), w, atol=1e-12)  # identical inputs: nothing to correct
     assert same.rel_error(w, w, False) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_holdout_halves_merge_to_the_full_fit_and_the_grid_picks_the_damping_that_generalises():
+    model = make_model([node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], [vi("x", ["B", 32])],
+                       [vi("y", ["B", 16])], [init("w", rand(16, 32, seed=4)), init("b", rand(16, seed=5))])
+    rows = correlated(24 + 512, 32, latent=20, seed=6)  # 24 calibration rows < 32 inputs: easy to over-fit
+    x, fresh = rows[:24], {"x": rows[24:]}
+    calib = from_arrays({"x": x}, model)
+    plain, _ = prune(model, calib, sparsity=0.5, method="data-aware", damping=0.3, batch_size=5)
+    held, res = prune(model, calib, sparsity=0.5, method="data-aware", damping=0.3, holdout=True, batch_size=5)
+    assert res.calibration_samples == 24
+    np.testing.assert_allclose(inits(held)["w"], inits(plain)["w"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ort_run(held, fresh)[0], ort_run(plain, fresh)[0], rtol=1e-5, atol=1e-5)
+
+    picked, res_g = prune(model, calib, sparsity=0.5, method="data-aware", holdout=True, damping_grid=[1e-4, 1.0],
+                          batch_size=5)
+    low, _ = prune(model, calib, sparsity=0.5, method="data-aware", damping=1e-4, batch_size=5)
+    assert res_g.details["layers"]["fc"]["damping"] == 1.0
+    assert _rel_err(model, picked, fresh) < _rel_err(model, low, fresh)
+    with pytest.raises(PassError, match="damping_grid is chosen on held-out calibration rows"):
+        prune(model, calib, method="data-aware", damping_grid=[0.1])
+    with pytest.raises(RecipeError):
+        parse_recipe({"passes": [{"type": "prune-weights", "damping_grid": [0.0]}]})
