@@ -165,12 +165,16 @@ _LEVELS = {
 }
 
 
-def session(model: onnx.ModelProto | str | Path, threads: int = 1, opt_level: str = "all") -> ort.InferenceSession:
+def session(model: onnx.ModelProto | str | Path, threads: int = 1, opt_level: str = "all",
+            config: dict[str, str] | None = None) -> ort.InferenceSession:
+    """A CPU session; ``config``: session config entries (e.g. the ones latency-placement recorded)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = _LEVELS[opt_level]
     so.log_severity_level = 3
+    for k, v in (config or {}).items():
+        so.add_session_config_entry(k, v)
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 

@@ -46,6 +46,7 @@ from common import (  # noqa: E402
     markdown_table,
     need,
 )
+from common import session as common_session  # noqa: E402
 
 from onnxopt.isa import detect_cpu  # noqa: E402
 
@@ -100,17 +101,7 @@ def onnxopt_int8(work: Path, calib: Path, placement: bool, cpu_flags: list[str] 
 
 
 def session(path: Path, threads: int, config: dict | None = None, level: str = "all") -> ort.InferenceSession:
-    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = levels[level]
-    so.log_severity_level = 3
-    for k, v in (config or {}).items():
-        so.add_session_config_entry(k, v)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return common_session(path, threads, level, config)
 
 
 def recorded_session(path: Path) -> dict:
