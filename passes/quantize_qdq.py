@@ -575,6 +575,18 @@ class QuantizeQDQ(Pass):
         return upgraded, current, need, why
 
 
+def _quantized_readers(idx: GraphIndex, quantized: dict, t: str) -> list[tuple[onnx.NodeProto, int]]:
+    """(node, input slot) pairs where a quantized node reads activation ``t``."""
+    out = []
+    for u in idx.uses(t):
+        q = quantized.get(id(u))
+        if q is None:
+            continue
+        slots = q.act_slots if isinstance(q, _Anchor) else [0]
+        out.extend((u, i) for i in slots if u.input[i] == t)
+    return out
+
+
 class _Quantizer:
     """Plans and applies the QDQ rewrite of one model (main graph)."""
 
@@ -826,14 +838,7 @@ class _Quantizer:
                        and self._transparent_ok(n)]
 
         def act_readers(t: str) -> list[tuple[onnx.NodeProto, int]]:
-            out = []
-            for u in idx.uses(t):
-                q = quantized.get(id(u))
-                if q is None:
-                    continue
-                slots = q.act_slots if isinstance(q, _Anchor) else [0]
-                out.extend((u, i) for i in slots if u.input[i] == t)
-            return out
+            return _quantized_readers(idx, quantized, t)
 
         def emitted() -> set[str]:
             out = set()
@@ -972,14 +977,7 @@ class _Quantizer:
                                     name=idx.unique_name(f"{t}_DequantizeLinear"), domain=qdomain(params[t][2]))
 
         def readers(t: str) -> list[tuple[onnx.NodeProto, int]]:
-            out = []
-            for u in idx.uses(t):
-                q = quantized.get(id(u))
-                if q is None:
-                    continue
-                slots = q.act_slots if isinstance(q, _Anchor) else [0]
-                out.extend((u, i) for i in slots if u.input[i] == t)
-            return out
+            return _quantized_readers(idx, quantized, t)
 
         # activations: one Q per tensor, one DQ per quantized reader slot
         for t in qtensors:
