@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxopt.profiling import session_options
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ONNXOPT_SHARED_MODELS", ROOT.parent / "shared" / "models"))
 CACHE = ROOT / "bench" / ".cache"
@@ -157,24 +159,10 @@ def mnist_test(n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 # sessions, timing, sizes, tables
 # --------------------------------------------------------------------------------------------
-_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-
-
 def session(model: onnx.ModelProto | str | Path, threads: int = 1, opt_level: str = "all",
             config: dict[str, str] | None = None) -> ort.InferenceSession:
     """A CPU session; ``config``: session config entries (e.g. the ones latency-placement recorded)."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = _LEVELS[opt_level]
-    so.log_severity_level = 3
-    for k, v in (config or {}).items():
-        so.add_session_config_entry(k, v)
+    so = session_options(threads, opt_level, config)
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 

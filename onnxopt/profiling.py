@@ -34,17 +34,10 @@ LEVELS = ("disable", "basic", "extended", "all")
 
 def session_options(threads: int = 1, opt_level: str = "all", config: dict[str, str] | None = None,
                     profile_prefix: str | None = None):
-    import onnxruntime as ort
+    """The core's session options plus session config entries and, if asked, ORT's profiler."""
+    from onnxopt.runtime import session_options as base_options
 
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = levels[opt_level]
-    so.log_severity_level = 3
+    so = base_options(opt_level, threads)
     for k, v in (config or {}).items():
         so.add_session_config_entry(k, v)
     if profile_prefix is not None:
