@@ -747,6 +747,26 @@ def _rows_transposed(k: int):
     return lambda x: x.reshape(k, -1).T
 
 
+def fold_into_following_add(index: GraphIndex, node: onnx.NodeProto, delta: np.ndarray) -> bool:
+    """Add ``delta`` to the constant of the Add that alone reads ``node``'s output (the exporters' bias)."""
+    add = index.only_use(node.output[0])
+    if add is None or add.op_type != "Add" or add.domain not in DEFAULT_DOMAINS or len(add.input) != 2:
+        return False
+    other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    if other == node.output[0] or other not in index.initializers or other in index.graph_inputs:
+        return False
+    if index.uses(other) != [add] or index.is_output(other):
+        return False
+    c = index.constant(other)
+    if c is None or c.dtype.kind != "f" or c.ndim > 1 and any(d != 1 for d in c.shape[:-1]):
+        return False
+    if c.ndim and c.shape[-1] not in (1, delta.shape[0]):
+        return False
+    new_c = (c + delta).astype(c.dtype)  # [N] or [1, .., N]: the Add's output shape does not change
+    index.set_initializer(other, new_c.reshape(c.shape[:-1] + (delta.shape[0],)) if c.ndim else new_c)
+    return True
+
+
 class LowRankSVD(LowRankPassBase):
     name = "lowrank-svd"
     summary = ("Factorize MatMul/Gemm weights into two rank-r factors (truncated SVD; data-aware with "
@@ -831,7 +851,7 @@ class LowRankSVD(LowRankPassBase):
         elif delta is not None and node.op_type == "Gemm":  # Gemm without C: the correction becomes C
             bias, beta = index.add_initializer(delta.astype(t.dtype), f"{base}_lowrank_bias"), 1.0
             delta = None
-        elif delta is not None and self._fold_into_add(index, node, delta):
+        elif delta is not None and fold_into_following_add(index, node, delta):
             delta = None
         if delta is not None:  # no bias to fold into: an explicit Add
             out = index.unique_name(f"{base}{SVD_MARK}out")
@@ -843,23 +863,3 @@ class LowRankSVD(LowRankPassBase):
         else:
             second = helper.make_node("MatMul", [mid, v_name], [out], name=second_name)
         self.replace_nodes(index, node, [first, second, *extra], dropped)
-
-    @staticmethod
-    def _fold_into_add(index: GraphIndex, node: onnx.NodeProto, delta: np.ndarray) -> bool:
-        """Add ``delta`` to the constant of the Add that alone reads ``node``'s output (the exporters' bias)."""
-        add = index.only_use(node.output[0])
-        if add is None or add.op_type != "Add" or add.domain not in DEFAULT_DOMAINS or len(add.input) != 2:
-            return False
-        other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-        if other == node.output[0] or other not in index.initializers or other in index.graph_inputs:
-            return False
-        if index.uses(other) != [add] or index.is_output(other):
-            return False
-        c = index.constant(other)
-        if c is None or c.dtype.kind != "f" or c.ndim > 1 and any(d != 1 for d in c.shape[:-1]):
-            return False
-        if c.ndim and c.shape[-1] not in (1, delta.shape[0]):
-            return False
-        new_c = (c + delta).astype(c.dtype)  # [N] or [1, .., N]: the Add's output shape does not change
-        index.set_initializer(other, new_c.reshape(c.shape[:-1] + (delta.shape[0],)) if c.ndim else new_c)
-        return True

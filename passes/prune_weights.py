@@ -70,9 +70,9 @@ import onnx
 from onnx import helper
 from onnxopt.passes.lowrank_svd import (
     GramRequest,
-    LowRankSVD,
     collect_grams,
     constant_weight,
+    fold_into_following_add,
     node_label,
     single_threaded_blas,
 )
@@ -786,7 +786,7 @@ class PruneWeights(Pass):
             for a in [a for a in node.attribute if a.name == "beta"]:
                 node.attribute.remove(a)  # the new C is the correction itself
             return True
-        if LowRankSVD._fold_into_add(index, node, delta):
+        if fold_into_following_add(index, node, delta):
             return True
         out = node.output[0]
         mid = index.unique_name(f"{node.name or out}/prune/out")
