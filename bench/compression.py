@@ -14,7 +14,8 @@ them out.
 
 (2) EfficientNet-Lite0 (650 val images; all 200 calib images for data-aware): top-1 and top-1 agreement
 with fp32 at 0/30/50/70 % unstructured sparsity, magnitude vs data-aware (SparseGPT-style re-fit + bias
-correction, ``LITE0_DATA_AWARE``: chosen on val[:200] only), the prune-weights pass on the cleaned-up model (depthwise convs are not pruned: the sparsity
+correction, ``LITE0_DATA_AWARE``: chosen on val[:200] only), each with and without the statistics correction
+(every conv's output channels rescaled to the original mean/variance on the calibration data), the prune-weights pass on the cleaned-up model (depthwise convs are not pruned: the sparsity
 is over the other Conv/Gemm weights, 96 % of the parameters). Structured rows come from
 ``bench/compression_structured.py:lite0_structured_rows`` when that file exists.
 """
@@ -215,12 +216,16 @@ def lite0_section(work: Path, quick: bool, structured: bool = True) -> str:
     ref_acc, ref_pred = top1(ref_sess, x, y, batch=25)
     rows = [["fp32 (cleanup)", 0, "–", f"{ref_acc:.2f}", "100.00", "–", "–"]]
     sparsities = [0.3, 0.5, 0.7]
+    variants = [("magnitude", "magnitude", False), ("magnitude + statistics correction", "magnitude", True),
+                ("data-aware re-fit", "data-aware", False),
+                ("data-aware + statistics correction (prune preset)", "data-aware", True)]
     for s in sparsities:
-        for method in ("magnitude", "data-aware"):
+        for label, method, correct in variants:
             t0 = time.perf_counter()
-            ctx = PassContext(calibration=from_arrays({"input": calib_x}, clean) if method == "data-aware" else None)
+            ctx = PassContext(calibration=from_arrays({"input": calib_x}, clean)
+                              if method == "data-aware" or correct else None)
             cls = get_pass_class("prune-weights")
-            step = prune_step(s, method)
+            step = prune_step(s, method) | {"statistics_correction": correct}
             if method == "data-aware":
                 step |= LITE0_DATA_AWARE
             p = cls(cls.Config(**step), ctx)
@@ -230,8 +235,8 @@ def lite0_section(work: Path, quick: bool, structured: bool = True) -> str:
             acc, pred = top1(session(res.model), x, y, batch=25)
             errs = [v["output_error"] for v in d["layers"].values() if v["output_error"] is not None]
             med = f"{np.median(errs):.3f}" if errs else "–"
-            print(f"[lite0] {method}, {100 * s:.0f} %: {secs:.0f} s, top-1 {acc:.2f}", file=sys.stderr, flush=True)
-            rows.append([f"unstructured, {method}", f"{100 * d['sparsity']:.0f}", med, f"{acc:.2f}",
+            print(f"[lite0] {label}, {100 * s:.0f} %: {secs:.0f} s, top-1 {acc:.2f}", file=sys.stderr, flush=True)
+            rows.append([f"unstructured, {label}", f"{100 * d['sparsity']:.0f}", med, f"{acc:.2f}",
                          f"{100 * np.mean(pred == ref_pred):.2f}", f"{acc - ref_acc:+.2f}", f"{secs:.0f}"])
     headers = ["variant", "sparsity %", "median layer output error", "top-1 %", "agree with fp32 %", "Δ pt",
                "prune s"]

@@ -84,6 +84,7 @@ from onnxopt.errors import OnnxoptError, PreconditionError
 from onnxopt.graph import GraphIndex, attr
 from onnxopt.model_io import atomic_write
 from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.stat_correction import correct_channel_statistics
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
@@ -132,6 +133,11 @@ class PruneWeightsConfig(PassConfig):
     damping_grid: list[float] = Field(default_factory=list, description="data-aware with holdout: each layer's "
                                                                         "damping is the one of these with the least "
                                                                         "held-out output error (else `damping`)")
+    statistics_correction: bool = Field(False, description="with calibration data: afterwards rescale every "
+                                                           "conv's output channels so their mean and variance "
+                                                           "match the original model's (BatchNorm re-estimation "
+                                                           "for folded BatchNorm; one ORT run per conv)")
+    correction_samples: PositiveInt = Field(256, description="statistics_correction: calibration samples used")
     batch_size: PositiveInt = Field(16, description="calibration samples per ONNX Runtime run (data-aware)")
     max_samples: PositiveInt | None = Field(None, description="use at most this many calibration samples")
     size_report: bool = Field(True, description="add the compressed-size report (zlib, entropy-coded) to the "
@@ -204,6 +210,7 @@ class PruneWeightsResult(PassResult):
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     calibration_samples: int = 0
     allocated: dict[str, float] = field(default_factory=dict)  # allocation output-error: layer -> sparsity
+    corrected: dict[str, dict] = field(default_factory=dict)  # statistics_correction: conv -> ChannelCorrection
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,6 +586,10 @@ class PruneWeights(Pass):
         method = self.resolved_method()
         index = GraphIndex(model.graph)
         result = PruneWeightsResult(model, False, method=method)
+        reference = None
+        if cfg.statistics_correction and self.context.calibration is not None:
+            reference = onnx.ModelProto()
+            reference.CopyFrom(model)
         chosen = self._select(_targets(index, result.skipped), result)
         fixed = self._fixed_masks(chosen, result, method)
         chosen = [t for t in chosen if t.label not in result.skipped]
@@ -588,6 +599,11 @@ class PruneWeights(Pass):
             for t in chosen:
                 result.layers[t.label] = self._prune(index, t, method, fixed.get(t.weight), None, result)
         result.modified = any(p.pruned for p in result.layers.values())
+        if reference is not None and result.modified:
+            result.corrected = {k: v.to_dict() for k, v in correct_channel_statistics(
+                model, reference, self.context.calibration, batch_size=cfg.batch_size,
+                max_samples=min(cfg.correction_samples, cfg.max_samples or cfg.correction_samples),
+                progress=self.context.progress, what=self.name).items()}
         if cfg.masks_out is not None:
             save_masks(result.masks, cfg.masks_out)
         result.details = self._details(result)
@@ -819,6 +835,8 @@ class PruneWeights(Pass):
         }
         if cfg.masks_out is not None:
             details["masks_out"] = cfg.masks_out
+        if result.corrected:
+            details["statistics_correction"] = {"convs": len(result.corrected), "layers": result.corrected}
         if cfg.size_report:
             details["size"] = compression.summary(compression.size_report(result.model, use_lzma=False))
         return details

@@ -362,3 +362,41 @@ def test_holdout_halves_merge_to_the_full_fit_and_the_grid_picks_the_damping_tha
         prune(model, calib, method="data-aware", damping_grid=[0.1])
     with pytest.raises(RecipeError):
         parse_recipe({"passes": [{"type": "prune-weights", "damping_grid": [0.0]}]})
+
+
+def test_statistics_correction_matches_the_original_channel_statistics_and_keeps_the_masks():
+    """Two convs through a Clip; magnitude pruning at 70 % with the correction: every conv's output channels
+    get the original mean and variance back on the calibration data, the masks stay as they were."""
+    from onnxopt.stat_correction import channel_moments
+
+    nodes = [node("Conv", ["x", "w1", "b1"], ["h1"], name="c1", pads=[1, 1, 1, 1]),
+             node("Clip", ["h1", "lo", "hi"], ["r1"], name="relu6"),
+             node("Conv", ["r1", "w2"], ["y"], name="c2")]
+    model = make_model(nodes, [vi("x", ["B", 8, 6, 6])], [vi("y", ["B", 6, 6, 6])],
+                       [init("w1", rand(12, 8, 3, 3, seed=1)), init("b1", rand(12, seed=2)),
+                        init("lo", np.float32(0)), init("hi", np.float32(6)), init("w2", rand(6, 12, 1, 1, seed=3))])
+    calib = from_arrays({"x": rand(32, 8, 6, 6, seed=4) + 0.3}, model)
+    plain, _ = prune(model, sparsity=0.7, method="magnitude")
+    out, res = prune(model, calib, sparsity=0.7, method="magnitude", statistics_correction=True,
+                     correction_samples=32)
+    corr = res.details["statistics_correction"]
+    assert corr["convs"] == 2 and set(corr["layers"]) == {"c1", "c2"}
+    want = channel_moments(model, ["h1", "y"], calib, batch_size=16, max_samples=None, what="t")
+    for tensor, (m0, v0), (m1, v1), (m2, v2) in zip(
+            ["h1", "y"], want, channel_moments(plain, ["h1", "y"], calib, batch_size=16, max_samples=None, what="t"),
+            channel_moments(out, ["h1", "y"], calib, batch_size=16, max_samples=None, what="t"), strict=True):
+        sd = np.sqrt(v0)
+        scale = np.clip(np.sqrt(v0 / v1), 0.5, 2.0)  # the default bounds
+        drift = np.mean(np.abs(m1 - m0) / sd) + np.mean(np.abs(np.log(np.sqrt(v1) / sd)))
+        assert np.mean(np.abs(m2 - m0) / sd) + np.mean(np.abs(np.log(np.sqrt(v2) / sd))) < 0.5 * drift, tensor
+        if tensor == "h1":  # the first conv's inputs are the original ones: exact where the scale is not clipped
+            ok = (scale > 0.5) & (scale < 2.0)
+            np.testing.assert_allclose(np.sqrt(v2[ok]), sd[ok], rtol=1e-4)
+            np.testing.assert_allclose(m2 / sd, m0 / sd, atol=1e-4)
+    w = inits(out)
+    for name in ("w1", "w2"):
+        np.testing.assert_array_equal(w[name] != 0, res.masks[name])
+    # without calibration data the option has nothing to measure on: plain magnitude pruning
+    again, res2 = prune(model, sparsity=0.7, method="magnitude", statistics_correction=True)
+    assert "statistics_correction" not in res2.details
+    np.testing.assert_array_equal(inits(again)["w1"], inits(plain)["w1"])

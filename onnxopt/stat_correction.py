@@ -1,0 +1,176 @@
+"""Per-channel output statistics correction after a lossy weight rewrite: BatchNorm re-estimation for models
+whose BatchNorm was folded into the convs.
+
+Pruning (or factorizing) a conv shifts the mean and shrinks the variance of its output channels, and the drift
+compounds layer after layer. Re-estimating BatchNorm's statistics on a little data is the usual remedy after
+one-shot pruning; with BatchNorm folded it amounts to rescaling each output channel ``c`` so that its mean and
+variance on the calibration data match the original model's there::
+
+    a_c = clip(sigma_c / sigma'_c, bounds),  W'_c = a_c W_c,  b'_c = a_c b'_c + mu_c - a_c mu'_c
+
+Layers are corrected one at a time in graph order, each measured on the model with the earlier corrections in
+place (one ORT run of the layer's ancestors per layer): correcting every layer from one run counts the drift
+of the upstream layers twice and diverged on EfficientNet-Lite0 (50 % pruned: 77.1 % -> 72.3 % -> 46.6 % over
+two rounds of mean correction). Convs only: a classifier's per-class mean on a few hundred images depends on
+which classes they hold, it is not drift (correcting Lite0's Gemm as well cost 0.8 pt top-1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxopt.errors import OnnxoptError
+from onnxopt.graph import GraphIndex, implicit_inputs
+from onnxopt.progress import Progress
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass
+class ChannelCorrection:
+    """One conv's correction: the spread of its channel scales, and how far its channels had drifted (mean
+    |mu' - mu| / sigma and mean |log(sigma' / sigma)| over channels, before the correction)."""
+
+    scale_min: float
+    scale_max: float
+    mean_drift: float
+    scale_drift: float
+    clipped: int  # channels whose scale hit the bounds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def prefix_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A model computing only ``outputs``: their ancestor nodes, the initializers and inputs those read."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output if o}
+    needed, stack, seen = set(), list(outputs), set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producer.get(name)
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        stack.extend(x for x in list(node.input) + sorted(implicit_inputs(node)) if x)
+    nodes = [n for n in g.node if id(n) in needed]
+    typed = {v.name: v for v in list(g.value_info) + list(g.output)}
+    graph = onnx.helper.make_graph(
+        nodes, g.name or "prefix",
+        [i for i in g.input if i.name in seen],
+        [typed.get(o, onnx.ValueInfoProto(name=o)) for o in outputs],
+        initializer=[t for t in g.initializer if t.name in seen])
+    graph.value_info.extend(v for v in g.value_info if v.name in seen)
+    out = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    out.functions.extend(model.functions)
+    return out
+
+
+def channel_moments(model: onnx.ModelProto, outputs: list[str], source, *, batch_size: int,
+                    max_samples: int | None, what: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(mean, variance) per channel (axis 1) of each of ``outputs`` over ``source``, streamed in float64."""
+    from onnxopt.runtime import make_session, run_batch
+
+    # full optimisation (NCHWc convs: 3x faster on Lite0's layers); requested outputs are kept as they are
+    session = make_session(prefix_model(model, outputs), opt_level="all", what=what)
+    feed_names = {i.name for i in session.get_inputs()}
+    sums: list[Any] = [None] * len(outputs)
+    done = 0
+    for batch in source.batches(batch_size):
+        if max_samples is not None and done >= max_samples:
+            break
+        if max_samples is not None:
+            batch = {k: v[: max_samples - done] for k, v in batch.items()}
+        values = run_batch(session, {k: v for k, v in batch.items() if k in feed_names}, outputs,
+                           first_sample=done)
+        for i, name in enumerate(outputs):
+            v = np.asarray(values[name], dtype=np.float64)
+            if v.ndim < 2:
+                raise OnnxoptError(f"{what}: {name!r} has no channel axis (shape {list(v.shape)})")
+            axes = (0, *range(2, v.ndim))
+            s = (v.sum(axis=axes), np.square(v).sum(axis=axes), v.size / v.shape[1])
+            sums[i] = s if sums[i] is None else tuple(a + b for a, b in zip(sums[i], s, strict=True))
+        done += next(iter(batch.values())).shape[0]
+    if done == 0:
+        raise OnnxoptError(f"{what}: no calibration samples in {source.description}")
+    out = []
+    for s, sq, n in sums:
+        mean = s / n
+        out.append((mean, np.maximum(sq / n - mean * mean, 0.0)))
+    return out
+
+
+def correctable_convs(model: onnx.ModelProto, reference: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Convs of ``model`` (graph order) whose weight and bias are initializers read by that conv alone and whose
+    output is also produced by a Conv in ``reference`` (the two graphs agree there)."""
+    index = GraphIndex(model.graph)
+    ref_convs = {o for n in reference.graph.node if n.op_type == "Conv" for o in n.output}
+    out = []
+    for node in model.graph.node:
+        if node.domain not in DEFAULT_DOMAINS or node.op_type != "Conv" or node.output[0] not in ref_convs:
+            continue
+        params = [x for x in node.input[1:3] if x]
+        if not all(x in index.initializers and [id(u) for u in index.uses(x)] == [id(node)] for x in params):
+            continue
+        out.append(node)
+    return out
+
+
+def correct_channel_statistics(model: onnx.ModelProto, reference: onnx.ModelProto, source, *,
+                               nodes: list[onnx.NodeProto] | None = None, bounds: tuple[float, float] = (0.5, 2.0),
+                               batch_size: int = 16, max_samples: int | None = 64,
+                               progress: Progress | None = None, what: str = "statistics correction",
+                               ) -> dict[str, ChannelCorrection]:
+    """Rescale the output channels of ``nodes`` (default: ``correctable_convs``) of ``model`` in place so their
+    mean and variance on ``source`` match ``reference``'s; returns {node name or output: correction}."""
+    progress = progress or Progress(enabled=False)
+    nodes = correctable_convs(model, reference) if nodes is None else nodes
+    if not nodes:
+        return {}
+    index = GraphIndex(model.graph)
+    target = channel_moments(reference, [n.output[0] for n in nodes], source, batch_size=batch_size,
+                             max_samples=max_samples, what=f"{what} (original model)")
+    report = {}
+    with progress.task(f"{what}: per-layer channel statistics", len(nodes)) as bar:
+        for node, (mu, var) in zip(nodes, target, strict=True):
+            [(mu_p, var_p)] = channel_moments(model, [node.output[0]], source, batch_size=batch_size,
+                                              max_samples=max_samples, what=what)
+            report[node.name or node.output[0]] = _rescale(index, node, mu, var, mu_p, var_p, bounds)
+            bar.update(1)
+    return report
+
+
+def _rescale(index: GraphIndex, node: onnx.NodeProto, mu, var, mu_p, var_p, bounds) -> ChannelCorrection:
+    w = index.constant(node.input[1])
+    c = w.shape[0]
+    if mu.shape != (c,) or mu_p.shape != (c,):
+        raise OnnxoptError(f"statistics correction: {node.name or node.output[0]!r} has {c} output channels, "
+                           f"its output {mu_p.shape[0]}")
+    sigma, sigma_p = np.sqrt(var), np.sqrt(var_p)
+    # channels dead (constant) in either model keep their scale: there is nothing to match
+    live = (sigma > 1e-6 * max(float(sigma.max(initial=0)), 1e-30)) & (sigma_p > 0)
+    raw = np.where(live, sigma / np.where(live, sigma_p, 1.0), 1.0)
+    a = np.clip(raw, *bounds)
+    b = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(c, w.dtype)
+    new_b = a * b.astype(np.float64) + mu - a * mu_p
+    index.set_initializer(node.input[1], (w * a.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype))
+    if len(node.input) > 2 and node.input[2]:
+        index.set_initializer(node.input[2], new_b.astype(b.dtype))
+    else:
+        name = index.add_initializer(new_b.astype(w.dtype), f"{node.input[1]}_bias")
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = name
+    scale = np.where(sigma > 0, sigma, 1.0)
+    return ChannelCorrection(
+        scale_min=float(a.min()), scale_max=float(a.max()),
+        mean_drift=float(np.mean(np.abs(mu_p - mu) / scale)),
+        scale_drift=float(np.mean(np.abs(np.log(raw)))),
+        clipped=int(np.sum(a != raw)))
