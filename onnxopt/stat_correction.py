@@ -124,12 +124,16 @@ def correctable_convs(model: onnx.ModelProto, reference: onnx.ModelProto) -> lis
 
 
 def correct_channel_statistics(model: onnx.ModelProto, reference: onnx.ModelProto, source, *,
-                               nodes: list[onnx.NodeProto] | None = None, bounds: tuple[float, float] = (0.5, 2.0),
+                               nodes: list[onnx.NodeProto] | None = None,
+                               channels: dict[str, np.ndarray] | None = None, bounds: tuple[float, float] = (0.5, 2.0),
                                batch_size: int = 16, max_samples: int | None = 64,
                                progress: Progress | None = None, what: str = "statistics correction",
                                ) -> dict[str, ChannelCorrection]:
     """Rescale the output channels of ``nodes`` (default: ``correctable_convs``) of ``model`` in place so their
-    mean and variance on ``source`` match ``reference``'s; returns {node name or output: correction}."""
+    mean and variance on ``source`` match ``reference``'s; returns {node name or output: correction}.
+
+    ``channels`` maps a conv output that lost channels (structured pruning) to the reference channels it kept;
+    a conv whose channel count differs from the reference's without such a map is left alone."""
     progress = progress or Progress(enabled=False)
     nodes = correctable_convs(model, reference) if nodes is None else nodes
     if not nodes:
@@ -140,6 +144,12 @@ def correct_channel_statistics(model: onnx.ModelProto, reference: onnx.ModelProt
     report = {}
     with progress.task(f"{what}: per-layer channel statistics", len(nodes)) as bar:
         for node, (mu, var) in zip(nodes, target, strict=True):
+            kept = (channels or {}).get(node.output[0])
+            if kept is not None:
+                mu, var = mu[kept], var[kept]
+            if mu.shape[0] != index.constant(node.input[1]).shape[0]:
+                bar.update(1)
+                continue
             [(mu_p, var_p)] = channel_moments(model, [node.output[0]], source, batch_size=batch_size,
                                               max_samples=max_samples, what=what)
             report[node.name or node.output[0]] = _rescale(index, node, mu, var, mu_p, var_p, bounds)

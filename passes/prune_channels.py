@@ -49,6 +49,7 @@ from pydantic import Field, NonNegativeFloat, PositiveInt
 from onnxopt.errors import PreconditionError
 from onnxopt.graph import GraphIndex, attr, initializer_bytes, parameter_count, set_attr, tensor_bytes
 from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.stat_correction import correct_channel_statistics
 
 from .fold_batchnorm import FoldBatchNorm
 
@@ -100,6 +101,11 @@ class PruneChannelsConfig(PassConfig):
     max_refit_dim: PositiveInt = Field(4096, description="refit/score only sinks with at most this many inputs")
     max_positions: PositiveInt = Field(
         256, description="statistics: at most this many spatial positions per sample (a fixed random set)")
+    statistics_correction: bool = Field(False, description="with calibration data: afterwards rescale every conv's "
+                                                           "(kept) output channels so their mean and variance "
+                                                           "match the original model's (BatchNorm re-estimation "
+                                                           "for folded BatchNorm; one ORT run per conv)")
+    correction_samples: PositiveInt = Field(256, description="statistics_correction: calibration samples used")
     batch_size: PositiveInt = Field(8, description="calibration samples per ONNX Runtime run")
     max_samples: PositiveInt | None = Field(None, description="use at most this many calibration samples")
 
@@ -314,6 +320,13 @@ class PruneChannels(Pass):
                 refits = self._pair_refit(original, model, index, targets, mask_of)
         index.refresh()
         index.prune_unused_initializers()
+        corrected = {}
+        if cfg.statistics_correction and has_data:
+            channels = {n.output[0]: np.flatnonzero(m) for n in g.node
+                        if n.op_type == "Conv" and (m := mask_of(n.output[0])) is not None}
+            corrected = {k: v.to_dict() for k, v in correct_channel_statistics(
+                model, original, self.context.calibration, channels=channels, batch_size=cfg.batch_size,
+                max_samples=cfg.correction_samples, progress=self.context.progress, what=self.name).items()}
         after = parameter_count(g)
         layers = {}
         for n in g.node:
@@ -327,6 +340,8 @@ class PruneChannels(Pass):
                    "pruned_groups": len(groups_out), "groups": groups_out, "skipped": skipped,
                    "params_before": before, "params_after": after, "layers": layers,
                    "refits": {k: {a: round(b, 6) for a, b in v.items()} for k, v in refits.items()}}
+        if corrected:
+            details["statistics_correction"] = {"convs": len(corrected), "layers": corrected}
         kept = {name: np.flatnonzero(m).tolist() for r, m in masks.items() for name in tr.groups[r].sources}
         return PruneChannelsResult(model, True, details, groups=groups_out, skipped=skipped, layers=layers,
                                    refits=refits, kept=kept, params_before=before, params_after=after)

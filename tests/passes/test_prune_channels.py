@@ -361,3 +361,34 @@ def test_duplicate_node_names_stay_apart():
     values = inits(out)
     assert [values[n.input[1]].shape for n in out.graph.node if n.op_type == "Conv"] == \
         [(8, 4, 1, 1), (8, 8, 1, 1), (2, 8, 1, 1)]  # ORT refuses duplicate names; the checker ran
+
+
+def test_statistics_correction_restores_the_kept_channels_statistics():
+    """expand -> relu6 -> depthwise -> project with half the channels removed: the kept channels of every conv
+    get the original model's mean and variance back on the calibration data (the removed ones have none)."""
+    from onnxopt.stat_correction import channel_moments
+
+    nodes = [node("Conv", ["x", "w1", "b1"], ["c1"], name="expand", kernel_shape=[1, 1]),
+             node("Clip", ["c1", "lo", "hi"], ["a1"], name="relu6"),
+             node("Conv", ["a1", "wd", "bd"], ["d1"], name="dw", kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=16),
+             node("Conv", ["d1", "w2"], ["y"], name="project", kernel_shape=[1, 1])]
+    model = make_model(nodes, [vi("x", ["N", 4, 6, 6])], [vi("y", ["N", 4, 6, 6])],
+                       [init("w1", rand(16, 4, 1, 1, seed=1)), init("b1", rand(16, seed=2)),
+                        init("lo", np.array(0, np.float32)), init("hi", np.array(6, np.float32)),
+                        init("wd", rand(16, 1, 3, 3, seed=3)), init("bd", rand(16, seed=4)),
+                        init("w2", rand(4, 16, 1, 1, seed=8))])
+    calib = from_arrays({"x": rand(24, 4, 6, 6, seed=9)}, model)
+    ctx = PassContext(calibration=calib)
+    plain, _ = prune(model, ctx, ratio=0.5, round_to=4, criterion="l2", refit=False)
+    out, result = prune(model, ctx, ratio=0.5, round_to=4, criterion="l2", refit=False, statistics_correction=True)
+    assert set(result.details["statistics_correction"]["layers"]) == {"expand", "dw", "project"}
+    assert weight_shape(out, "dw") == (8, 1, 3, 3)  # still pruned
+    kept = np.array(result.kept["expand"])
+    moments = lambda m: channel_moments(m, ["c1", "d1", "y"], calib, batch_size=8, max_samples=None, what="t")  # noqa: E731
+    ref, before, after = moments(model), moments(plain), moments(out)
+    for i, idx in enumerate([kept, kept, np.arange(4)]):
+        m0, sd = ref[i][0][idx], np.sqrt(ref[i][1][idx])
+        np.testing.assert_allclose(after[i][0] / sd, m0 / sd, atol=1e-4)
+        assert np.mean(np.abs(np.log(np.sqrt(after[i][1]) / sd))) <= np.mean(
+            np.abs(np.log(np.sqrt(before[i][1]) / sd))) + 1e-6
+    np.testing.assert_allclose(np.sqrt(after[0][1]), np.sqrt(ref[0][1][kept]), rtol=1e-4)  # expand: exact
