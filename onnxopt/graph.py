@@ -36,6 +36,28 @@ def implicit_inputs(node: onnx.NodeProto) -> set[str]:
     return used
 
 
+def ancestors(graph: onnx.GraphProto, outputs: Iterable[str]) -> tuple[set[int], set[str]]:
+    """Positions of the nodes the values ``outputs`` depend on, and every value name those nodes read (the
+    ``outputs`` included)."""
+    producer = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    live: set[int] = set()
+    read: set[str] = set()
+    stack = list(outputs)
+    while stack:
+        name = stack.pop()
+        if name in read:
+            continue
+        read.add(name)
+        i = producer.get(name)
+        if i is None or i in live:
+            continue
+        live.add(i)
+        node = graph.node[i]
+        stack.extend(x for x in node.input if x)
+        stack.extend(implicit_inputs(node))
+    return live, read
+
+
 def all_names(graph: onnx.GraphProto) -> set[str]:
     names = {i.name for i in graph.input} | {o.name for o in graph.output}
     names |= {t.name for t in graph.initializer} | {v.name for v in graph.value_info}

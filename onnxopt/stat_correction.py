@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.graph import GraphIndex, implicit_inputs
+from onnxopt.graph import GraphIndex, ancestors
 from onnxopt.progress import Progress
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -48,19 +48,8 @@ class ChannelCorrection:
 def prefix_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     """A model computing only ``outputs``: their ancestor nodes, the initializers and inputs those read."""
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output if o}
-    needed, stack, seen = set(), list(outputs), set()
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        node = producer.get(name)
-        if node is None or id(node) in needed:
-            continue
-        needed.add(id(node))
-        stack.extend(x for x in list(node.input) + sorted(implicit_inputs(node)) if x)
-    nodes = [n for n in g.node if id(n) in needed]
+    live, seen = ancestors(g, outputs)
+    nodes = [n for i, n in enumerate(g.node) if i in live]
     typed = {v.name: v for v in list(g.value_info) + list(g.output)}
     graph = onnx.helper.make_graph(
         nodes, g.name or "prefix",

@@ -15,7 +15,7 @@ from typing import Literal
 import onnx
 
 from onnxopt.errors import PreconditionError
-from onnxopt.graph import implicit_inputs, subgraphs
+from onnxopt.graph import ancestors, implicit_inputs, subgraphs
 from onnxopt.pass_infra import Pass, PassConfig, PassResult
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -27,23 +27,7 @@ class DeadCodeEliminationConfig(PassConfig):
 
 def _liveness(graph: onnx.GraphProto) -> tuple[set[int], set[str]]:
     """Positions of live nodes, and every value name a live node or a graph output reads."""
-    producer = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
-    live: set[int] = set()
-    read: set[str] = set()
-    stack = [o.name for o in graph.output]
-    while stack:
-        name = stack.pop()
-        if name in read:
-            continue
-        read.add(name)
-        i = producer.get(name)
-        if i is None or i in live:
-            continue
-        live.add(i)
-        node = graph.node[i]
-        stack.extend(x for x in node.input if x)
-        stack.extend(implicit_inputs(node))
-    return live, read
+    return ancestors(graph, [o.name for o in graph.output])
 
 
 def dead_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
