@@ -11,9 +11,10 @@ row of the batch attends to are sliced off K, V and the mask (``trim_masked_keys
 attention is several times slower on masked keys than on real ones (``KEY_TRIM_MEASUREMENT``), and
 padded keys carry no weight, so the outputs are the same.
 
-Scheme ``auto`` is u8s8 (uint8 activations x int8 weights, full range) on every CPU: unlike the
-static QLinear kernels, DynamicQuantizeMatMul does not saturate on AVX2 without VNNI (checked with
-full-range operands in the tests) and it is the fastest form (``DYNAMIC_MEASUREMENT``).
+Scheme ``auto`` is u8s8 (uint8 activations x int8 weights, full range) where ORT's kernel is exact, and u8s8-rr
+(7-bit weights, same fast kernel) where it saturates: AVX2 without VNNI, found by running the kernel on
+full-range operands on this machine (``u8s8_gemm_is_exact``; with ``cpu_flags`` for another target, from its
+flags). u8u8 never saturates but is slower than fp32 there (``DYNAMIC_MEASUREMENT``).
 
 With calibration data the activations' per-channel maxima are measured first and SmoothQuant
 (Xiao et al. 2023) divides each quantized input by s = amax^alpha / wmax^(1-alpha) (an explicit
@@ -24,6 +25,7 @@ cosine to fp32 from 0.992 to 0.997 (alpha 0.7).
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import numpy as np
@@ -44,14 +46,16 @@ from .dead_code import drop_value_info, eliminate
 MS_DOMAIN = "com.microsoft"
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
-# minilm_l6_sst2 (6-layer BERT, hidden 384) after transformer-fusion, no smoothing; sst2_dev (872 sentences,
-# batches of 16, fp32 81.54 %); onnxruntime 1.32, AMD EPYC AVX2 without VNNI (a loaded 2-core machine);
-# latency L=128 batch 1 one thread, as speed-up over fp32. u8s8 and u8u8 give the same outputs: ORT's
-# DynamicQuantizeMatMul does not saturate here, unlike the static QLinear path (onnxopt.isa).
+# minilm_l6_sst2 (6-layer BERT, hidden 384) after transformer-fusion; sst2_dev (872 sentences, fp32 81.54 %);
+# onnxruntime 1.32, AMD EPYC AVX2 without VNNI (2026-12-03, 128 calibration sentences: SmoothQuant on).
+# DynamicQuantizeMatMul's u8 x s8 GEMM DOES saturate there (vpmaddubsw int16 pair sums; SmoothQuant flattens
+# the activations, so more pairs reach the limit); 7-bit weights (u8s8-rr) cannot, and keep the fast kernel.
+# (An earlier note here said u8s8 did not saturate: measured without smoothing, where few pairs clip.)
 DYNAMIC_MEASUREMENT = {
-    "u8s8": "80.62 %, agreement 97.0 %, embedding cosine 0.9918, 1.50x",
-    "u8s8-rr": "80.39 %, agreement 97.0 %, cosine 0.9906, 1.46x",
-    "u8u8": "80.62 %, agreement 97.0 %, cosine 0.9918, 0.93x",
+    "u8s8": "80.73 %, agreement with fp32 97.1 % (saturating)",
+    "u8s8-rr": "81.19 %, agreement 98.5 %, 1.46-1.50x",
+    "u8u8": "81.19 %, agreement 99.0 %, 0.93x (slower than fp32)",
+    "on an Intel Xeon with AVX512-VNNI, u8s8": "81.42 %, 2.2x",
 }
 
 
@@ -96,14 +100,58 @@ class QuantizeDynamicConfig(PassConfig):
 
 
 def dynamic_scheme(scheme: str, cpu_flags: list[str] | None) -> tuple[str, str]:
-    """(scheme, reason) for dynamic quantization."""
+    """(scheme, reason) for dynamic quantization: u8s8 where its GEMM is exact, else 7-bit weights (u8s8-rr).
+
+    Without ``cpu_flags`` (the target is this machine) ORT's kernel is probed on full-range operands, so the
+    choice rests on what the kernel does here, not on a reading of the flags."""
     if scheme != "auto":
         return scheme, "set in the recipe"
-    caps = detect_cpu(cpu_flags) if cpu_flags is not None else detect_cpu()
+    if cpu_flags is None:
+        if u8s8_gemm_is_exact():
+            return "u8s8", f"{detect_cpu().describe()}: DynamicQuantizeMatMul's u8 x s8 GEMM is exact here (probed)"
+        return "u8s8-rr", (f"{detect_cpu().describe()}: DynamicQuantizeMatMul's u8 x s8 GEMM saturates here (probed "
+                           f"with full-range operands); 7-bit weights cannot (see DYNAMIC_MEASUREMENT: "
+                           f"{DYNAMIC_MEASUREMENT})")
+    caps = detect_cpu(cpu_flags)
     if caps.u8s8_saturates:
-        return "u8s8", ("AVX2/AVX-512BW without VNNI, but DynamicQuantizeMatMul's u8 x s8 GEMM does not saturate "
-                        f"there (checked with full-range operands; see DYNAMIC_MEASUREMENT): {DYNAMIC_MEASUREMENT}")
+        return "u8s8-rr", "AVX2/AVX-512BW without VNNI: the u8 x s8 GEMM saturates int16 pair sums; 7-bit weights"
     return "u8s8", f"{caps.describe()}: u8 x s8 accumulates in 32 bits"
+
+
+def full_range_probe() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """A DynamicQuantizeMatMul whose exact result needs full-range pair sums (255 * 127 * 2 > 32767), its input
+    and the exact output: all weights 127, activations alternating so uint8 values sit at 0 and 255."""
+    k, n = 64, 8
+    x = np.full((2, k), 4.0, np.float32)
+    x[:, ::2] = -4.0
+    x[1] = 4.0
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "z"], ["y"], domain=MS_DOMAIN)], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
+        initializer=[onnx.numpy_helper.from_array(np.full((k, n), 127, np.int8), "w"),
+                     onnx.numpy_helper.from_array(np.full(n, 1.0 / 127, np.float32), "s"),
+                     onnx.numpy_helper.from_array(np.zeros(n, np.int8), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)])
+    model.ir_version = 8
+    # uint8 per tensor over [-4, 4]: scale 8/255, zero point 128 (rounded): -4 -> 0, 4 -> 255
+    xs, zp = np.float32(8 / 255), 128
+    xq = np.clip(np.rint(x / xs) + zp, 0, 255) - zp
+    exact = (xq.astype(np.int64) @ np.full((k, n), 127, np.int64)).astype(np.float64) * xs / 127
+    return model, x, exact.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def u8s8_gemm_is_exact() -> bool:
+    """Whether ORT's DynamicQuantizeMatMul (u8 x s8) on this machine gets the full-range probe exactly right."""
+    import onnxruntime as ort
+
+    model, x, exact = full_range_probe()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})[0]
+    return bool(np.allclose(got, exact, rtol=1e-4, atol=1e-3))
 
 
 def quantize_weight(w: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
