@@ -6,7 +6,7 @@ compounds layer after layer. Re-estimating BatchNorm's statistics on a little da
 one-shot pruning; with BatchNorm folded it amounts to rescaling each output channel ``c`` so that its mean and
 variance on the calibration data match the original model's there::
 
-    a_c = clip(sigma_c / sigma'_c, bounds),  W'_c = a_c W_c,  b'_c = a_c b'_c + mu_c - a_c mu'_c
+    a_c = clip(sigma_c / sigma'_c, bounds),  W_c <- a_c W_c,  b_c <- a_c b_c + mu_c - a_c mu'_c
 
 Layers are corrected one at a time in graph order, each measured on the model with the earlier corrections in
 place (one ORT run of the layer's ancestors per layer): correcting every layer from one run counts the drift
@@ -22,12 +22,28 @@ from typing import Any
 
 import numpy as np
 import onnx
+from pydantic import BaseModel, Field, PositiveInt
 
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import GraphIndex, ancestors
 from onnxopt.progress import Progress
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+class StatisticsCorrectionOptions(BaseModel):
+    """The recipe fields of a pass that offers the correction (mixed into its config)."""
+
+    statistics_correction: bool = Field(False, description="with calibration data: afterwards rescale every "
+                                                           "conv's output channels so their mean and variance "
+                                                           "match the original model's (BatchNorm re-estimation "
+                                                           "for folded BatchNorm; one ORT run per conv)")
+    correction_samples: PositiveInt = Field(256, description="statistics_correction: calibration samples used")
+
+
+def correction_details(report: dict[str, ChannelCorrection]) -> dict[str, Any]:
+    """The report's entry for a correction run."""
+    return {"convs": len(report), "layers": {k: v.to_dict() for k, v in report.items()}}
 
 
 @dataclass
@@ -136,18 +152,19 @@ def correct_channel_statistics(model: onnx.ModelProto, reference: onnx.ModelProt
             kept = (channels or {}).get(node.output[0])
             if kept is not None:
                 mu, var = mu[kept], var[kept]
-            if mu.shape[0] != index.constant(node.input[1]).shape[0]:
+            w = index.constant(node.input[1])
+            if mu.shape[0] != w.shape[0]:
                 bar.update(1)
                 continue
             [(mu_p, var_p)] = channel_moments(model, [node.output[0]], source, batch_size=batch_size,
                                               max_samples=max_samples, what=what)
-            report[node.name or node.output[0]] = _rescale(index, node, mu, var, mu_p, var_p, bounds)
+            report[node.name or node.output[0]] = _rescale(index, node, w, mu, var, mu_p, var_p, bounds)
             bar.update(1)
     return report
 
 
-def _rescale(index: GraphIndex, node: onnx.NodeProto, mu, var, mu_p, var_p, bounds) -> ChannelCorrection:
-    w = index.constant(node.input[1])
+def _rescale(index: GraphIndex, node: onnx.NodeProto, w: np.ndarray, mu, var, mu_p, var_p,
+             bounds) -> ChannelCorrection:
     c = w.shape[0]
     if mu.shape != (c,) or mu_p.shape != (c,):
         raise OnnxoptError(f"statistics correction: {node.name or node.output[0]!r} has {c} output channels, "

@@ -49,7 +49,11 @@ from pydantic import Field, NonNegativeFloat, PositiveInt
 from onnxopt.errors import PreconditionError
 from onnxopt.graph import GraphIndex, attr, initializer_bytes, parameter_count, set_attr, tensor_bytes
 from onnxopt.pass_infra import Pass, PassConfig, PassResult
-from onnxopt.stat_correction import correct_channel_statistics
+from onnxopt.stat_correction import (
+    StatisticsCorrectionOptions,
+    correct_channel_statistics,
+    correction_details,
+)
 
 from .fold_batchnorm import FoldBatchNorm
 
@@ -61,7 +65,7 @@ BINARY = {"Add", "Sub", "Mul", "Div"}
 POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 
 
-class PruneChannelsConfig(PassConfig):
+class PruneChannelsConfig(PassConfig, StatisticsCorrectionOptions):
     type: Literal["prune-channels"] = "prune-channels"
     ratio: float = Field(0.25, ge=0, lt=1, description="fraction of each group's channels to remove")
     ratios: dict[str, float] = Field(
@@ -101,11 +105,6 @@ class PruneChannelsConfig(PassConfig):
     max_refit_dim: PositiveInt = Field(4096, description="refit/score only sinks with at most this many inputs")
     max_positions: PositiveInt = Field(
         256, description="statistics: at most this many spatial positions per sample (a fixed random set)")
-    statistics_correction: bool = Field(False, description="with calibration data: afterwards rescale every conv's "
-                                                           "(kept) output channels so their mean and variance "
-                                                           "match the original model's (BatchNorm re-estimation "
-                                                           "for folded BatchNorm; one ORT run per conv)")
-    correction_samples: PositiveInt = Field(256, description="statistics_correction: calibration samples used")
     batch_size: PositiveInt = Field(8, description="calibration samples per ONNX Runtime run")
     max_samples: PositiveInt | None = Field(None, description="use at most this many calibration samples")
 
@@ -324,9 +323,9 @@ class PruneChannels(Pass):
         if cfg.statistics_correction and has_data:
             channels = {n.output[0]: np.flatnonzero(m) for n in g.node
                         if n.op_type == "Conv" and (m := mask_of(n.output[0])) is not None}
-            corrected = {k: v.to_dict() for k, v in correct_channel_statistics(
+            corrected = correct_channel_statistics(
                 model, original, self.context.calibration, channels=channels, batch_size=cfg.batch_size,
-                max_samples=cfg.correction_samples, progress=self.context.progress, what=self.name).items()}
+                max_samples=cfg.correction_samples, progress=self.context.progress, what=self.name)
         after = parameter_count(g)
         layers = {}
         for n in g.node:
@@ -341,7 +340,7 @@ class PruneChannels(Pass):
                    "params_before": before, "params_after": after, "layers": layers,
                    "refits": {k: {a: round(b, 6) for a, b in v.items()} for k, v in refits.items()}}
         if corrected:
-            details["statistics_correction"] = {"convs": len(corrected), "layers": corrected}
+            details["statistics_correction"] = correction_details(corrected)
         kept = {name: np.flatnonzero(m).tolist() for r, m in masks.items() for name in tr.groups[r].sources}
         return PruneChannelsResult(model, True, details, groups=groups_out, skipped=skipped, layers=layers,
                                    refits=refits, kept=kept, params_before=before, params_after=after)
