@@ -40,7 +40,7 @@ from common import (  # noqa: E402
 )
 
 from onnxopt.data import from_arrays  # noqa: E402
-from onnxopt.graph import parameter_count  # noqa: E402
+from onnxopt.legacy_graph import parameter_count  # noqa: E402
 from onnxopt.pass_infra import PassContext, PassManager  # noqa: E402
 from onnxopt.recipe import parse_recipe  # noqa: E402
 

@@ -252,7 +252,7 @@ def minilm_int8(model: onnx.ModelProto) -> list[dict]:
     The int8 preset's calibrate pass refuses MiniLM: the attention-mask Add holds -inf by design. So the
     ranges are measured on the inputs/outputs of the weight MatMuls alone, and the activation x activation
     MatMuls (attention scores) stay in float."""
-    from onnxopt.graph import GraphIndex
+    from onnxopt.legacy_graph import GraphIndex
 
     index = GraphIndex(model.graph)
     weighted = [n for n in model.graph.node if n.op_type == "MatMul" and index.constant(n.input[1]) is not None]

@@ -128,10 +128,12 @@ def main():
 @click.option("--batch-size", type=click.IntRange(min=1), help="Batch size for running data (default: recipe's).")
 @click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails.")
+@click.option("--strict", is_flag=True, default=None,
+              help="Full ONNX checker and shape inference after every pass (default: at load and before saving).")
 @gate_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress or tables, only errors.")
 def optimize(model, output, recipe, calib, val, labels, calib_labels, workers, localize, report_dir, batch_size, force,
-             keep_failed, quiet, **kw):
+             keep_failed, strict, quiet, **kw):
     """Run a recipe's passes on MODEL, then the validation gate when --val is given."""
     from onnxopt.optimize import optimize as run
     from onnxopt.report import gate_table, summary_table
@@ -139,7 +141,7 @@ def optimize(model, output, recipe, calib, val, labels, calib_labels, workers, l
     result = run(model, output, recipe=recipe, calib=calib, val=val, labels=labels, report_dir=report_dir,
                  gate=_gate(kw), force=force, keep_failed=keep_failed, batch_size=batch_size,
                  progress=_progress(quiet), command=_command_line(), calib_labels=calib_labels, workers=workers,
-                 localize=localize)
+                 localize=localize, strict=strict or None)
     if not quiet:
         click.echo(summary_table(result.before, result.after, result.pipeline))
         if result.validation is not None:
@@ -198,7 +200,7 @@ def inspect(model, as_json):
     from onnxopt.inspect import summarize
     from onnxopt.model_io import load_model
 
-    s = summarize(load_model(model))
+    s = summarize(load_model(model), model)
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2, sort_keys=True))
         return

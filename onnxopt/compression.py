@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxopt.graph import GraphIndex
+from onnxopt.legacy_graph import GraphIndex
 
 INDEX_BITS = 8  # Deep Compression: 8 bits of relative index for conv layers (5 for fc); one width for all here
 MIN_ELEMENTS = 256  # tensors smaller than this are counted raw (biases, scales, shapes)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from onnxopt.errors import DataError
 from onnxopt.recipe import DataConfig, ImageSpec
@@ -61,26 +62,30 @@ class InputSpec:
         return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
 
 
-def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The graph inputs the caller must feed (inputs that are also initializers are excluded)."""
-    init = {t.name for t in model.graph.initializer}
+def model_inputs(model: ir.Model | onnx.ModelProto) -> list[InputSpec]:
+    """The graph inputs the caller must feed (inputs that are also initializers are excluded).
+
+    A dim that is ``-1``, ``0`` or unset is dynamic (``None``), whatever exporter wrote it.
+    """
+    from onnxopt.model_io import as_ir
+
     specs = []
-    for vi in model.graph.input:
-        if vi.name in init:
+    for v in as_ir(model).graph.inputs:
+        if v.is_initializer():
             continue
-        if vi.type.WhichOneof("value") != "tensor_type":
-            raise DataError(f"model input {vi.name!r} is not a tensor ({vi.type.WhichOneof('value')}); "
-                            "only tensor inputs can be fed from data")
-        t = vi.type.tensor_type
+        if v.type is not None and not isinstance(v.type, ir.TensorType):
+            kind = type(v.type).__name__.replace("Type", "").lower()
+            raise DataError(f"model input {v.name!r} is not a tensor ({kind}); only tensor inputs can be fed "
+                            "from data")
         try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+            dtype = np.dtype(v.dtype.numpy())
         except Exception:  # noqa: BLE001 - unknown/unsupported element type
-            raise DataError(f"model input {vi.name!r} has an element type numpy cannot hold "
-                            f"({onnx.TensorProto.DataType.Name(t.elem_type)})") from None
+            what = v.dtype.name if v.dtype is not None else "undefined"
+            raise DataError(f"model input {v.name!r} has an element type numpy cannot hold ({what})") from None
         shape: tuple[int | str | None, ...] | None = None
-        if t.HasField("shape"):
-            shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
-        specs.append(InputSpec(vi.name, dtype, shape))
+        if v.shape is not None:
+            shape = tuple((d if d > 0 else None) if isinstance(d, int) else (d.value or None) for d in v.shape)
+        specs.append(InputSpec(v.name, dtype, shape))
     return specs
 
 

@@ -1,135 +1,223 @@
-"""Use-def helpers over ``onnx.GraphProto``.
+"""Use-def helpers over the in-memory IR (``onnx_ir``).
 
-Passes rewrite through these instead of patching names: ``GraphIndex`` knows who
-produces and who consumes every value (including values captured by subgraphs of
-If/Loop/Scan), hands out unique names, and rewires uses in one place.
+Passes rewrite through these and through onnx_ir's own methods (``Value.uses()``,
+``Value.replace_all_uses_with``, ``Node.replace_input_with``, ``Graph.insert_before``, ...), never by
+patching names. Two rules every pass follows:
+
+* **Tensors are immutable.** A pass that changes a weight assigns a new tensor
+  (``set_constant``); it never writes into the array it read. The pass manager's copy of the
+  caller's model shares tensors with it, and a lazy (memory-mapped) tensor is read-only anyway.
+* **Read weights only when needed, one at a time.** ``constant_value`` reads the values
+  (memory-mapped for external data); shapes and dtypes (``constant_tensor(v).shape``) cost nothing.
+  ``release`` drops a lazy tensor's mapping once a pass is done with it.
+
+Values captured by subgraphs (If/Loop/Scan bodies reading an outer value) are ordinary uses in
+the IR: ``value.uses()`` lists the reading node inside the body.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
+# --------------------------------------------------------------------------------------------
+# Nodes and attributes
+# --------------------------------------------------------------------------------------------
+def is_op(node: ir.Node | None, op_types: str | Iterable[str], domain: str = "") -> bool:
+    """``node`` is one of ``op_types`` in ``domain`` (the default domain has two spellings)."""
+    if node is None:
+        return False
+    if isinstance(op_types, str):
+        op_types = (op_types,)
+    domains = DEFAULT_DOMAINS if domain in DEFAULT_DOMAINS else (domain,)
+    return node.op_type in op_types and node.domain in domains
 
 
-def implicit_inputs(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope values a node's subgraphs read (they count as uses of those values)."""
-    used: set[str] = set()
-    for g in subgraphs(node):
-        defined = {i.name for i in g.input} | {t.name for t in g.initializer}
-        for n in g.node:
-            used.update(x for x in n.input if x and x not in defined)
-            used.update(x for x in implicit_inputs(n) if x not in defined)
-            defined.update(n.output)
-        used.update(o.name for o in g.output if o.name not in defined)
-    return used
+def attr(node: ir.Node, name: str, default=None):
+    """An attribute's value as plain Python: int, float, str, list, ``ir.Graph``, or a numpy array for tensors."""
+    a = node.attributes.get(name)
+    if a is None or a.is_ref():
+        return default
+    value = a.value
+    if a.type == ir.AttributeType.TENSOR:
+        return value.numpy()
+    if a.type in (ir.AttributeType.INTS, ir.AttributeType.FLOATS, ir.AttributeType.STRINGS):
+        return list(value)
+    return value
 
 
-def ancestors(graph: onnx.GraphProto, outputs: Iterable[str]) -> tuple[set[int], set[str]]:
-    """Positions of the nodes the values ``outputs`` depend on, and every value name those nodes read (the
-    ``outputs`` included)."""
-    producer = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
-    live: set[int] = set()
-    read: set[str] = set()
-    stack = list(outputs)
-    while stack:
-        name = stack.pop()
-        if name in read:
+def set_attr(node: ir.Node, name: str, value) -> None:
+    """Set (or replace) an attribute; the type is inferred from the Python value (ints stay ints)."""
+    if isinstance(value, np.ndarray):
+        value = ir.tensor(value)
+    node.attributes[name] = ir.convenience.convert_attribute(name, value)
+
+
+def subgraphs(node: ir.Node) -> Iterator[ir.Graph]:
+    for a in node.attributes.values():
+        if a.is_ref():
             continue
-        read.add(name)
-        i = producer.get(name)
-        if i is None or i in live:
-            continue
-        live.add(i)
-        node = graph.node[i]
-        stack.extend(x for x in node.input if x)
-        stack.extend(implicit_inputs(node))
-    return live, read
+        if a.type == ir.AttributeType.GRAPH:
+            yield a.value
+        elif a.type == ir.AttributeType.GRAPHS:
+            yield from a.value
 
 
-def all_names(graph: onnx.GraphProto) -> set[str]:
-    names = {i.name for i in graph.input} | {o.name for o in graph.output}
-    names |= {t.name for t in graph.initializer} | {v.name for v in graph.value_info}
-    for n in graph.node:
-        names.add(n.name)
-        names.update(n.input)
-        names.update(n.output)
-        for g in subgraphs(n):
-            names |= all_names(g)
-    names.discard("")
-    return names
+def all_nodes(graph: ir.Graph) -> Iterator[ir.Node]:
+    """Every node of ``graph`` and of its subgraphs, outer nodes before the bodies they hold."""
+    for node in graph:
+        yield node
+        for body in subgraphs(node):
+            yield from all_nodes(body)
 
 
-class GraphIndex:
-    """Producer/consumer maps for one graph, kept current by the mutating methods."""
+def opset_version(model: ir.Model, domain: str = "") -> int:
+    imports = model.opset_imports
+    if domain in DEFAULT_DOMAINS:
+        return imports.get("", imports.get("ai.onnx", 0))
+    return imports.get(domain, 0)
 
-    def __init__(self, graph: onnx.GraphProto):
-        self.graph = graph
-        self._taken = all_names(graph)
-        self._counters: dict[str, int] = defaultdict(int)
-        self.refresh()
 
-    def refresh(self) -> None:
-        self.producers: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in self.graph.node:
-            for out in node.output:
-                if out:
-                    self.producers[out] = node
-            for name in list(node.input) + sorted(implicit_inputs(node)):
-                if name:
-                    self.consumers[name].append(node)
-        self.initializers = {t.name: t for t in self.graph.initializer}
-        self.graph_inputs = {i.name for i in self.graph.input}
-        self.graph_outputs = {o.name for o in self.graph.output}
+def clone_model(model: ir.Model) -> ir.Model:
+    """A structural copy (nodes and values new, tensors shared), tolerating values nothing defines (a
+    broken model must still reach the checks that name the problem)."""
+    graph = model.graph.clone(allow_outer_scope_values=True)
+    return ir.Model(graph, ir_version=model.ir_version, producer_name=model.producer_name,
+                    producer_version=model.producer_version, domain=model.domain,
+                    model_version=model.model_version, doc_string=model.doc_string,
+                    functions=[f.clone() for f in model.functions.values()],
+                    metadata_props=dict(model.metadata_props))
 
-    # --- queries -------------------------------------------------------------
-    def producer(self, name: str) -> onnx.NodeProto | None:
-        return self.producers.get(name)
 
-    def uses(self, name: str) -> list[onnx.NodeProto]:
-        return list(self.consumers.get(name, ()))
+# --------------------------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------------------------
+def is_initializer(value: ir.Value | None) -> bool:
+    """A weight: an initializer that is not also an (overridable) graph input."""
+    return value is not None and value.is_initializer() and not value.is_graph_input()
 
-    def only_use(self, name: str) -> onnx.NodeProto | None:
-        """The single consuming node, if ``name`` has exactly one and is not a graph output."""
-        uses = self.consumers.get(name, ())
-        if len(uses) == 1 and name not in self.graph_outputs:
-            return uses[0]
+
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor behind an initializer or a ``Constant`` node's output, without reading its values."""
+    if value is None:
+        return None
+    if is_initializer(value):
+        return value.const_value
+    node = value.producer()
+    if node is None or not is_op(node, "Constant") or len(node.attributes) != 1:
+        return None
+    a = next(iter(node.attributes.values()))
+    if a.is_ref():
+        return None
+    if a.name == "value":
+        return a.value
+    if a.name in ("value_float", "value_floats"):
+        return ir.tensor(np.array(a.value, dtype=np.float32))
+    if a.name in ("value_int", "value_ints"):
+        return ir.tensor(np.array(a.value, dtype=np.int64))
+    return None
+
+
+def constant_value(value: ir.Value | None) -> np.ndarray | None:
+    """Values of an initializer or ``Constant`` output (``None`` if not constant). Read-only: never write to it."""
+    tensor = constant_tensor(value)
+    if tensor is None:
+        return None
+    try:
+        return tensor.numpy()
+    except Exception:  # noqa: BLE001 - a dtype numpy cannot hold is "not a constant we can use"
         return None
 
-    def is_output(self, name: str) -> bool:
-        return name in self.graph_outputs
 
-    def constant(self, name: str) -> np.ndarray | None:
-        """Value of an initializer or a ``Constant`` node's output; ``None`` if not constant."""
-        if name in self.initializers and name not in self.graph_inputs:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.producers.get(name)
-        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            attr = node.attribute[0]
-            if attr.name == "value":
-                return numpy_helper.to_array(attr.t)
-            value = onnx.helper.get_attribute_value(attr)
-            if attr.name in ("value_float", "value_int"):
-                return np.array(value, dtype=np.float32 if attr.name == "value_float" else np.int64)
-            if attr.name in ("value_floats", "value_ints"):
-                return np.array(value, dtype=np.float32 if attr.name == "value_floats" else np.int64)
-        return None
+def release(value: ir.Value | None) -> None:
+    """Drop the memory mapping of a lazily loaded (external) weight once a pass is done reading it."""
+    tensor = value.const_value if value is not None else None
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
 
-    # --- names ---------------------------------------------------------------
-    def unique_name(self, base: str) -> str:
-        """A name not used anywhere in the model, derived from ``base`` (deterministic)."""
+
+def make_tensor(array: np.ndarray, name: str | None = None) -> ir.Tensor:
+    array = np.ascontiguousarray(array)
+    return ir.tensor(array, name=name)
+
+
+def add_initializer(graph: ir.Graph, array: np.ndarray | ir.TensorProtocol, base_name: str,
+                    namer: Namer | None = None) -> ir.Value:
+    """A new initializer value with a unique name derived from ``base_name``."""
+    name = (namer or Namer(graph)).unique(base_name)
+    tensor = array if isinstance(array, ir.TensorProtocol) else make_tensor(array, name)
+    tensor.name = name
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+                     const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def set_constant(value: ir.Value, array: np.ndarray | ir.TensorProtocol) -> None:
+    """Give an initializer a new tensor (the old one is never written to); type and shape follow."""
+    tensor = array if isinstance(array, ir.TensorProtocol) else make_tensor(array)
+    tensor.name = value.name
+    release(value)
+    value.const_value = tensor
+    value.type = ir.TensorType(tensor.dtype)
+    value.shape = ir.Shape(tensor.shape)
+
+
+def own_initializer(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, namer: Namer | None = None,
+                    base_name: str | None = None) -> ir.Value:
+    """Give input ``index`` of ``node`` the value ``array``: in place when only this input reads the old
+    initializer, else through a new initializer (other readers keep theirs)."""
+    old = node.inputs[index] if index < len(node.inputs) else None
+    if (is_initializer(old) and not old.is_graph_output()
+            and all(u.node is node and u.idx == index for u in old.uses())):
+        set_constant(old, array)
+        return old
+    base = base_name or (old.name if old is not None and old.name else f"{node.name or node.op_type}_in{index}")
+    new = add_initializer(graph, array, base, namer)
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, new)
+    return new
+
+
+# --------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------
+class Namer:
+    """Unique, deterministic names derived from a base: ``base``, ``base_1``, ``base_2``...
+
+    Knows every value and node name in the graph and its subgraphs (and the owning graphs' when given a
+    subgraph's root), so a new name never shadows or collides with an existing one.
+    """
+
+    def __init__(self, graph: ir.Graph):
+        root = graph
+        self._taken: set[str] = set()
+        for v in (*root.inputs, *root.outputs, *root.initializers.values()):
+            if v.name:
+                self._taken.add(v.name)
+        for node in all_nodes(root):
+            if node.name:
+                self._taken.add(node.name)
+            for v in node.outputs:
+                if v.name:
+                    self._taken.add(v.name)
+            for v in node.inputs:
+                if v is not None and v.name:
+                    self._taken.add(v.name)
+        for body in _bodies(root):
+            for v in (*body.inputs, *body.outputs, *body.initializers.values()):
+                if v.name:
+                    self._taken.add(v.name)
+        self._counters: Counter[str] = Counter()
+
+    def unique(self, base: str | None) -> str:
         base = base or "v"
         name = base
         while name in self._taken:
@@ -138,176 +226,140 @@ class GraphIndex:
         self._taken.add(name)
         return name
 
-    # --- mutation ------------------------------------------------------------
-    def add_initializer(self, array: np.ndarray, base_name: str) -> str:
-        name = self.unique_name(base_name)
-        tensor = numpy_helper.from_array(np.asarray(array), name)
-        self.graph.initializer.append(tensor)
-        self.initializers[name] = self.graph.initializer[-1]
-        return name
+    def value(self, base: str | None, **kwargs) -> ir.Value:
+        return ir.Value(name=self.unique(base), **kwargs)
 
-    def set_initializer(self, name: str, array: np.ndarray) -> None:
-        """Replace the value of an existing initializer in place (name and position kept)."""
-        tensor = self.initializers[name]
-        tensor.CopyFrom(numpy_helper.from_array(np.asarray(array), name))
 
-    def replace_input(self, node: onnx.NodeProto, old: str, new: str) -> None:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        if old in self.consumers and node in self.consumers[old]:
-            self.consumers[old] = [n for n in self.consumers[old] if n is not node]
-        self.consumers[new].append(node)
+def _bodies(graph: ir.Graph) -> Iterator[ir.Graph]:
+    for node in graph:
+        for body in subgraphs(node):
+            yield body
+            yield from _bodies(body)
 
-    def replace_all_uses(self, old: str, new: str) -> None:
-        """Make every consumer of ``old`` read ``new`` instead (graph outputs are left alone)."""
-        for node in self.uses(old):
-            for i, name in enumerate(node.input):
-                if name == old:
-                    node.input[i] = new
-            for g in subgraphs(node):
-                _rename_free_uses(g, old, new)
-            self.consumers[new].append(node)
-        self.consumers.pop(old, None)
 
-    def bypass(self, node: onnx.NodeProto, kept_input: str) -> bool:
-        """Remove a pass-through ``node`` whose first output equals ``kept_input``.
+# --------------------------------------------------------------------------------------------
+# Uses and rewiring
+# --------------------------------------------------------------------------------------------
+def consumers(value: ir.Value) -> list[ir.Node]:
+    """Distinct nodes reading ``value`` (including nodes inside subgraphs that capture it), in use order."""
+    return list(value.consumers())
 
-        Returns False (and changes nothing) when it cannot be done without renaming a
-        graph input or output.
-        """
-        out = node.output[0]
-        if out in self.graph_outputs:
-            # The graph output's name is the interface: let the producer write it directly.
-            src = self.producers.get(kept_input)
-            if (
-                src is None
-                or kept_input in self.graph_outputs
-                or kept_input in self.graph_inputs
-                or any(u is not node for u in self.consumers.get(kept_input, ()))
-            ):
-                return False
-            for i, name in enumerate(src.output):
-                if name == kept_input:
-                    src.output[i] = out
-            self.producers[out] = src
-            self.producers.pop(kept_input, None)
-            self.remove_nodes([node])
-            return True
-        self.replace_all_uses(out, kept_input)
-        self.remove_nodes([node])
+
+def only_use(value: ir.Value) -> ir.Node | None:
+    """The single node reading ``value`` once, if it has exactly one use and is not a graph output."""
+    uses = list(value.uses())
+    if len(uses) == 1 and not value.is_graph_output():
+        return uses[0].node
+    return None
+
+
+def bypass(node: ir.Node, kept: ir.Value) -> bool:
+    """Remove a pass-through ``node`` whose first output carries the same values as ``kept``.
+
+    Readers of the output read ``kept`` instead. When the output is a graph output its name is the
+    interface: ``kept``'s producer then writes it directly (``kept`` takes the output's name). Returns
+    False, changing nothing, when that cannot be done without renaming a graph input or output or
+    touching another reader of ``kept``.
+    """
+    graph = node.graph
+    out = node.outputs[0]
+    if out.is_graph_output():
+        if (kept.producer() is None or kept.is_graph_output() or kept.is_graph_input()
+                or kept.producer().graph is not graph
+                or any(u.node is not node for u in kept.uses())
+                or sum(1 for o in graph.outputs if o is out) != 1):
+            return False
+        name, vtype, shape = out.name, out.type, out.shape
+        out.replace_all_uses_with(kept, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        out.name = None
+        kept.name = name
+        kept.type = kept.type or vtype
+        kept.shape = kept.shape or shape
         return True
-
-    def remove_nodes(self, nodes: Iterable[onnx.NodeProto]) -> None:
-        doomed = {id(n) for n in nodes}
-        if not doomed:
-            return
-        # Delete in place, from the back: rebuilding the list would copy every node and leave the
-        # caller's references to the surviving nodes pointing at detached copies.
-        for i in reversed(range(len(self.graph.node))):
-            if id(self.graph.node[i]) in doomed:
-                del self.graph.node[i]
-        self.refresh()
-
-    def insert_before(self, anchor: onnx.NodeProto, new_nodes: list[onnx.NodeProto]) -> None:
-        """Insert ``new_nodes`` just before ``anchor`` (keeps the graph topologically sorted)."""
-        nodes = list(self.graph.node)
-        pos = next(i for i, n in enumerate(nodes) if n is anchor)
-        del self.graph.node[:]
-        self.graph.node.extend(nodes[:pos] + new_nodes + nodes[pos:])
-        self.refresh()
-
-    def prune_unused_initializers(self) -> int:
-        """Drop initializers nothing reads; those that are graph inputs are overridable inputs and stay."""
-        used = {name for name, nodes in self.consumers.items() if nodes} | self.graph_outputs | self.graph_inputs
-        keep = [t for t in self.graph.initializer if t.name in used]
-        removed = len(self.graph.initializer) - len(keep)
-        if removed:
-            del self.graph.initializer[:]
-            self.graph.initializer.extend(keep)
-            self.initializers = {t.name: t for t in self.graph.initializer}
-        return removed
+    out.replace_all_uses_with(kept)
+    graph.remove(node, safe=True)
+    return True
 
 
-def _rename_free_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    if old in defined:
-        return
-    for n in graph.node:
-        for i, name in enumerate(n.input):
-            if name == old:
-                n.input[i] = new
-        for g in subgraphs(n):
-            _rename_free_uses(g, old, new)
-        if old in n.output:
-            return
-    for o in graph.output:
-        if o.name == old:
-            o.name = new
+def remove_nodes(graph: ir.Graph, nodes: Iterable[ir.Node]) -> None:
+    """Remove nodes whose outputs nothing outside the set reads (inputs are detached)."""
+    nodes = list(nodes)
+    if nodes:
+        graph.remove(nodes, safe=True)
 
 
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
+def ancestors(graph: ir.Graph, values: Iterable[ir.Value]) -> set[ir.Node]:
+    """The nodes of ``graph`` that ``values`` depend on (subgraph captures included)."""
+    live: set[ir.Node] = set()
+    stack = [v for v in values if v is not None]
+    seen: set[int] = set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        node = v.producer()
+        if node is None or node.graph is not graph or node in live:
+            continue
+        live.add(node)
+        stack.extend(x for x in node.inputs if x is not None)
+        stack.extend(captured_values(node))
+    return live
 
 
-def set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    for i, a in enumerate(node.attribute):
-        if a.name == name:
-            del node.attribute[i]
-            break
-    node.attribute.append(onnx.helper.make_attribute(name, value))
+def captured_values(node: ir.Node) -> list[ir.Value]:
+    """Outer-scope values that the subgraphs of ``node`` read."""
+    found: list[ir.Value] = []
+    for body in subgraphs(node):
+        inner = set(map(id, body.inputs)) | {id(v) for v in body.initializers.values()}
+        for n in all_nodes(body):
+            inner.update(id(o) for o in n.outputs)
+        for n in all_nodes(body):
+            found.extend(x for x in n.inputs if x is not None and id(x) not in inner)
+        found.extend(o for o in body.outputs if id(o) not in inner)
+    return found
 
 
-def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
-    for op in model.opset_import:
-        if op.domain in (domain, "ai.onnx" if domain == "" else domain):
-            return op.version
-    return 0
+def drop_unused_initializers(graph: ir.Graph) -> int:
+    """Remove initializers nothing reads (graph inputs and outputs stay)."""
+    doomed = [name for name, v in graph.initializers.items()
+              if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]
+    for name in doomed:
+        release(graph.initializers[name])
+        del graph.initializers[name]
+    return len(doomed)
 
 
-def op_histogram(graph: onnx.GraphProto) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for n in graph.node:
-        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-        counts[key] += 1
-    return dict(sorted(counts.items()))
+# --------------------------------------------------------------------------------------------
+# Statistics (no tensor is read)
+# --------------------------------------------------------------------------------------------
+def op_key(node: ir.Node) -> str:
+    return node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}"
 
 
-def tensor_bytes(t: onnx.TensorProto) -> int:
-    """Bytes of a tensor's values, wherever they are stored (raw, typed fields, or external data that was
-    not loaded: then from its recorded length or its shape; the external file is never read)."""
-    if t.HasField("raw_data"):
-        return len(t.raw_data)
-    if t.data_location == onnx.TensorProto.EXTERNAL:
-        info = {e.key: e.value for e in t.external_data}
-        if info.get("length", "").isdigit():
-            return int(info["length"])
-    if t.data_type == onnx.TensorProto.STRING:
-        return sum(len(s) for s in t.string_data)
-    count = 1
-    for d in t.dims:
-        count *= max(int(d), 0)
+def op_histogram(graph: ir.Graph) -> dict[str, int]:
+    return dict(sorted(Counter(op_key(n) for n in graph).items()))
+
+
+def tensor_bytes(tensor: ir.TensorProtocol) -> int:
+    """Bytes of a tensor's values, from its dtype and shape (never reads an external file)."""
     try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except Exception:  # noqa: BLE001 - unknown type: count elements
-        itemsize = 1
-    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        return (count + 1) // 2
-    return count * itemsize
+        return int(tensor.nbytes)
+    except Exception:  # noqa: BLE001 - strings and unknown types
+        try:
+            return sum(len(s) for s in tensor.string_data())
+        except Exception:  # noqa: BLE001
+            return 0
 
 
-def initializer_bytes(graph: onnx.GraphProto) -> int:
-    total = sum(tensor_bytes(t) for t in graph.initializer)
-    for n in graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    total += tensor_bytes(a.t)
+def initializer_bytes(graph: ir.Graph) -> int:
+    total = sum(tensor_bytes(v.const_value) for v in graph.initializers.values() if v.const_value is not None)
+    for n in graph:
+        if is_op(n, "Constant") and "value" in n.attributes and not n.attributes["value"].is_ref():
+            total += tensor_bytes(n.attributes["value"].value)
     return total
 
 
-def parameter_count(graph: onnx.GraphProto) -> int:
-    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in graph.initializer)
+def parameter_count(graph: ir.Graph) -> int:
+    return sum(int(v.const_value.size) for v in graph.initializers.values() if v.const_value is not None)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx_ir as ir
 
 from onnxopt.graph import initializer_bytes, op_histogram, parameter_count
-from onnxopt.model_io import serialized_size
+from onnxopt.model_io import as_ir, estimated_size
 
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
              "MatMulInteger", "ConvInteger", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
              "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat"}
-_QUANT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
-                onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+_QUANT_TYPES = {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT4,
+                ir.DataType.UINT4}
 
 
 @dataclass
@@ -43,49 +46,73 @@ class ModelSummary:
         return asdict(self)
 
 
-def _spec(vi: onnx.ValueInfoProto) -> TensorSpec:
-    t = vi.type.tensor_type
+def _spec(value: ir.Value) -> TensorSpec:
     dims: list[int | str | None] = []
-    for d in t.shape.dim:
-        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
-    return TensorSpec(vi.name, _dtype_name(t.elem_type), dims)
+    if value.shape is not None:
+        for d in value.shape:
+            dims.append(d if isinstance(d, int) else (d.value or None))
+    return TensorSpec(value.name, _dtype_name(value.dtype), dims)
 
 
-def _dtype_name(elem_type: int) -> str:
-    if not elem_type:
+def _dtype_name(dtype: ir.DataType | None) -> str:
+    if dtype is None or dtype == ir.DataType.UNDEFINED:
         return "?"
     try:
-        return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+        return np.dtype(dtype.numpy()).name
     except Exception:  # noqa: BLE001 - a type numpy has no name for
-        return onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type in onnx.TensorProto.DataType.values() \
-            else f"type {elem_type}"
+        return dtype.name.lower()
 
 
-def summarize(model: onnx.ModelProto) -> ModelSummary:
+def file_bytes(path: str | Path) -> int:
+    """Bytes on disk of a model file and the external data files it references."""
+    path = Path(path)
+    total = path.stat().st_size
+    return total + sum(f.stat().st_size for f in _data_files(path))
+
+
+def _data_files(path: Path) -> set[Path]:
+    proto = onnx.load(str(path), load_external_data=False)
+    files = set()
+    for t in onnx.external_data_helper._get_all_tensors(proto):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            if loc and (path.parent / loc).is_file():
+                files.add(path.parent / loc)
+    return files
+
+
+def summarize(model: ir.Model | onnx.ModelProto, path: str | Path | None = None) -> ModelSummary:
+    """The model's statistics, read from the graph (no weight is read). With ``path`` (the file the model
+    is or will be stored in) the file size is measured; otherwise it is estimated from the weights."""
+    model = as_ir(model)
     g = model.graph
-    init_names = {t.name for t in g.initializer}
-    consumers: dict[str, str] = {}
-    for n in g.node:
-        for x in n.input:
-            consumers.setdefault(x, n.op_type)
+    first_reader: dict[int, str] = {}
+    for n in g:
+        for x in n.inputs:
+            if x is not None:
+                first_reader.setdefault(id(x), n.op_type)
     quantized = {}
     dtypes: dict[str, int] = {}
-    for t in g.initializer:
-        tname = _dtype_name(t.data_type)
+    for name, v in g.initializers.items():
+        t = v.const_value
+        if t is None:
+            continue
+        tname = _dtype_name(t.dtype)
         dtypes[tname] = dtypes.get(tname, 0) + 1
-        if t.data_type in _QUANT_TYPES and len(t.dims) >= 1 and consumers.get(t.name) in QUANT_OPS:
-            quantized[t.name] = f"{tname} -> {consumers[t.name]}"
+        reader = first_reader.get(id(v))
+        if t.dtype in _QUANT_TYPES and len(t.shape) >= 1 and reader in QUANT_OPS:
+            quantized[name] = f"{tname} -> {reader}"
     return ModelSummary(
-        opset={(op.domain or "ai.onnx"): op.version for op in model.opset_import},
+        opset={(d or "ai.onnx"): v for d, v in model.opset_imports.items()},
         ir_version=model.ir_version,
-        producer=f"{model.producer_name} {model.producer_version}".strip(),
-        inputs=[_spec(i) for i in g.input if i.name not in init_names],
-        outputs=[_spec(o) for o in g.output],
-        nodes=len(g.node),
+        producer=f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
+        inputs=[_spec(i) for i in g.inputs if not i.is_initializer()],
+        outputs=[_spec(o) for o in g.outputs],
+        nodes=len(g),
         ops=op_histogram(g),
         parameters=parameter_count(g),
         initializer_bytes=initializer_bytes(g),
-        serialized_bytes=serialized_size(model),
+        serialized_bytes=file_bytes(path) if path is not None else estimated_size(model),
         quantized_tensors=dict(sorted(quantized.items())),
         dtypes=dict(sorted(dtypes.items())),
     )

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
+import onnx_ir as ir
+from onnx import TensorProto
 
-from onnxopt.graph import GraphIndex
+from onnxopt.activations import activation_session
+from onnxopt.checks import infer
+from onnxopt.graph import constant_tensor, is_op
 from onnxopt.metrics import json_safe
-from onnxopt.runtime import make_session, run_batch
+from onnxopt.model_io import as_ir, load_model
+from onnxopt.runtime import run_batch
 
 SQNR_CAP_DB = 120.0  # exact tensors; keeps values finite
 EXACT_DB = 50.0
@@ -63,55 +67,61 @@ class Localization:
             f"{x.node or x.tensor} ({x.op_type}, -{x.jump_db:.1f} dB to {x.sqnr_db:.1f} dB)" for x in self.worst)
 
 
-def _float_tensors(model: onnx.ModelProto) -> dict[str, int]:
+def _model(model) -> ir.Model:
+    if isinstance(model, str | Path):
+        return load_model(model, check=False)  # checked when it was first loaded or written
+    return as_ir(model)
+
+
+def _float_tensors(model: ir.Model) -> dict[str, int]:
+    """Element type of every value, from strict-free shape inference on the skeleton (declared types if
+    inference fails)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        g = infer(model, strict=False).graph
+        infos = list(g.value_info) + list(g.output) + list(g.input)
+        return {v.name: v.type.tensor_type.elem_type for v in infos if v.type.HasField("tensor_type")}
     except Exception:  # noqa: BLE001 - fall back to declared types
-        inferred = model
-    g = inferred.graph
-    return {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.output) + list(g.input)
-            if v.type.HasField("tensor_type")}
+        return {v.name: int(v.dtype) for n in model.graph for v in n.outputs if v.dtype is not None}
 
 
-def candidate_names(candidate: onnx.ModelProto, wanted: list[str]) -> dict[str, str]:
+def candidate_names(candidate: ir.Model, wanted: list[str]) -> dict[str, str]:
     """Reference tensor -> candidate tensor holding its (possibly rounded) value."""
-    idx = GraphIndex(candidate.graph)
+    values: dict[str, ir.Value] = {v.name: v for v in candidate.graph.inputs}
+    for n in candidate.graph:
+        for o in n.outputs:
+            values[o.name] = o
     out: dict[str, str] = {}
     for t in wanted:
-        q = [u for u in idx.uses(t) if u.op_type == "QuantizeLinear" and u.input[0] == t]
+        v = values.get(t)
+        if v is None:
+            continue
+        q = [u.node for u in v.uses() if is_op(u.node, "QuantizeLinear") and u.idx == 0]
         if q:
-            dq = [u for u in idx.uses(q[0].output[0]) if u.op_type == "DequantizeLinear"]
+            dq = [u.node for u in q[0].outputs[0].uses() if is_op(u.node, "DequantizeLinear")]
             if dq:
-                out[t] = dq[0].output[0]
+                out[t] = dq[0].outputs[0].name
                 continue
-        if idx.producer(t) is not None or t in idx.graph_inputs:
+        if v.producer() is not None or v.is_graph_input():
             out[t] = t
     return out
 
 
-def _exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in names if t not in have)
-    return m
-
-
-def localize(reference: onnx.ModelProto, candidate: onnx.ModelProto, data, *, batch_size: int = 8,
-             max_samples: int = 16, top: int = 3, threads: int | None = None) -> Localization:
+def localize(reference, candidate, data, *, batch_size: int = 8, max_samples: int = 16, top: int = 3,
+             threads: int | None = None) -> Localization:
+    """Per-layer errors of ``candidate`` against ``reference`` (IR models, ``ModelProto``s or paths)."""
+    reference, candidate = _model(reference), _model(candidate)
     types = _float_tensors(reference)
-    ref_idx = GraphIndex(reference.graph)
-    order: list[tuple[str, onnx.NodeProto]] = []
-    for n in reference.graph.node:
-        for o in n.output:
-            if o and types.get(o) == TensorProto.FLOAT and ref_idx.constant(o) is None:
-                order.append((o, n))
+    order: list[tuple[str, ir.Node]] = []
+    for n in reference.graph:
+        for o in n.outputs:
+            if o.name and types.get(o.name) == TensorProto.FLOAT and constant_tensor(o) is None:
+                order.append((o.name, n))
     mapping = candidate_names(candidate, [t for t, _ in order])
     compared = [(t, n) for t, n in order if t in mapping]
-    ref_m = _exposed(reference, [t for t, _ in compared])
-    cand_m = _exposed(candidate, [mapping[t] for t, _ in compared])
-    ref_s = make_session(ref_m, opt_level="basic", threads=threads, what="reference (localization)")
-    cand_s = make_session(cand_m, opt_level="basic", threads=threads, what="candidate (localization)")
+    ref_s = activation_session(reference, [t for t, _ in compared], opt_level="basic", threads=threads,
+                               what="reference (localization)")
+    cand_s = activation_session(candidate, [mapping[t] for t, _ in compared], opt_level="basic",
+                                threads=threads, what="candidate (localization)")
     sig = dict.fromkeys(mapping, 0.0)
     noise = dict.fromkeys(mapping, 0.0)
     cos = dict.fromkeys(mapping, 0.0)
@@ -148,9 +158,9 @@ def localize(reference: onnx.ModelProto, candidate: onnx.ModelProto, data, *, ba
 
     layers = []
     for t, n in compared:
-        ins = [values[x] for x in n.input if x in values]
+        ins = [values[x.name] for x in n.inputs if x is not None and x.name in values]
         before = min(min(ins) if ins else SQNR_CAP_DB, EXACT_DB)
-        layers.append(LayerError(t, n.name, n.op_type, values[t], cos[t] / max(done, 1),
+        layers.append(LayerError(t, n.name or "", n.op_type, values[t], cos[t] / max(done, 1),
                                  max(0.0, before - values[t]), mapping[t] if mapping[t] != t else ""))
     worst = sorted((x for x in layers if x.jump_db > 0), key=lambda x: (-x.jump_db, x.tensor))[:top]
     return Localization(layers, worst, done, skipped=len(order) - len(compared))

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.graph import GraphIndex, attr
+from onnxopt.legacy_graph import GraphIndex, attr
 from onnxopt.model_io import atomic_write
 from onnxopt.pass_infra import PassResult
 from onnxopt.quant import channel_axis_shape, range_weight_params

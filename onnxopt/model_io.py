@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import external_data_helper
 
@@ -190,14 +191,15 @@ def _check_tensor_sizes(model: onnx.ModelProto) -> None:
                                  f"{list(tensor.dims)} needs {needed}")
 
 
-def load_model(path: str | os.PathLike, *, load_external: bool = True, check: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model; raise ``ModelLoadError``/``InvalidModelError`` with a one-line reason if it cannot be used.
+def read_model_proto(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+    """Parse ``path`` into a ``ModelProto`` whose external data stays on disk, after every safety check.
 
-    Besides parsing, loading refuses external data that leaves the model's folder, tensors whose stored
-    bytes disagree with their shape, and (``check=True``, the default) models that are structurally
-    broken (dangling inputs, a value produced twice, cycles), fail the ONNX checker or strict shape
-    inference, use opsets this onnx does not know, or declare tensors too large to allocate. Nodes that
-    are merely out of order are sorted (with a warning), not refused.
+    Refuses (``ModelLoadError``/``InvalidModelError``, one line naming the file): unreadable, empty,
+    truncated or non-model files; external data that leaves the model's folder or disagrees with the
+    tensor's shape; and (``check=True``) models that are structurally broken (dangling inputs, a value
+    produced twice, cycles), fail the ONNX checker or strict shape inference, use opsets this onnx does
+    not know, or declare tensors too large to allocate. Nodes merely out of order are sorted (with a
+    warning). No external data file is read.
     """
     path = Path(path)
     if not path.exists():
@@ -217,24 +219,126 @@ def load_model(path: str | os.PathLike, *, load_external: bool = True, check: bo
     del data
     if not model.HasField("graph") or model.ir_version == 0:
         raise ModelLoadError(f"{path}: not an ONNX model (protobuf without a graph or IR version)")
-    base_dir = path.parent
     try:
         _check_tensor_sizes(model)
-        _check_external_data(model, base_dir)
-        if load_external and _external_locations(model):
-            try:
-                external_data_helper.load_external_data_for_model(model, str(base_dir))
-            except (OSError, ValueError) as exc:
-                raise ModelLoadError(f"cannot read external data ({_short(exc)})") from None
+        _check_external_data(model, path.parent)
         if check:
             from onnxopt.checks import check_loaded_model
 
             if check_loaded_model(model, path):
                 warnings.warn(f"{path.name}: nodes were not in topological order; sorted them", UserWarning,
-                              stacklevel=2)
+                              stacklevel=3)
     except OnnxoptError as exc:
         raise type(exc)(f"{path}: {exc}") from None
     return model
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True) -> ir.Model:
+    """Load an ONNX model into the in-memory IR; refuse it in one line if it cannot be used.
+
+    Every check of ``read_model_proto`` runs first. Weights held in external data stay on disk,
+    memory-mapped and read only when a pass asks for them; embedded weights are not copied.
+    """
+    path = Path(path)
+    proto = read_model_proto(path, check=check)
+    try:
+        return from_proto(proto, base_dir=path.parent)
+    except OnnxoptError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnx_ir refuses what the proto checks let through
+        raise ModelLoadError(f"{path}: cannot read the model ({_short(exc)})") from None
+
+
+def from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> ir.Model:
+    """The IR of ``proto``; its tensors are wrapped, not copied (passes never write to them)."""
+    model = ir.serde.deserialize_model(proto)
+    if base_dir is not None:
+        for graph in model.graphs():
+            ir.external_data.set_base_dir(graph, os.path.abspath(base_dir))
+    return model
+
+
+def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
+    """A ``ModelProto`` of the model (weights copied in, external references kept as references).
+
+    onnx_ir also describes every initializer in ``value_info``; that repeats the tensor's own type and
+    shape, so it is left out: a model read and written unchanged keeps its bytes.
+    """
+    if isinstance(model, onnx.ModelProto):
+        return model
+    proto = ir.serde.serialize_model(model)
+    _drop_initializer_value_info(proto.graph)
+    return proto
+
+
+def _drop_initializer_value_info(graph: onnx.GraphProto) -> None:
+    inits = {t.name: t for t in graph.initializer}
+    keep = []
+    for vi in graph.value_info:
+        t = inits.get(vi.name)
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        redundant = (t is not None and tt is not None and tt.elem_type == t.data_type and tt.HasField("shape")
+                     and [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim] == list(t.dims)
+                     and not vi.doc_string and not vi.metadata_props)
+        if not redundant:
+            keep.append(vi)
+    if len(keep) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _drop_initializer_value_info(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    _drop_initializer_value_info(g)
+
+
+def _save_external(model: ir.Model, path: Path, data_name: str) -> None:
+    """``ir.save`` with external data (weights streamed one at a time; weights already in a data file are
+    copied file to file), written through ``to_proto``. The model is left as it was."""
+    values = [v for graph in model.graphs() for v in graph.initializers.values()]
+    tensors = [v.const_value for v in values]
+    try:
+        ir.external_data.unload_from_model(model, path.parent, data_name, size_threshold_bytes=1024)
+        proto = to_proto(model)
+        with open(path, "wb") as f:
+            f.write(proto.SerializeToString(deterministic=True))
+    finally:
+        for value, tensor in zip(values, tensors, strict=True):
+            value.const_value = tensor
+
+
+def as_ir(model: ir.Model | onnx.ModelProto) -> ir.Model:
+    return model if isinstance(model, ir.Model) else from_proto(model)
+
+
+def external_files(model: ir.Model) -> set[Path]:
+    """Data files the model's lazily loaded weights live in."""
+    found = set()
+    for graph in model.graphs():
+        for v in graph.initializers.values():
+            if isinstance(v.const_value, ir.ExternalTensor):
+                found.add(Path(v.const_value.path).resolve())
+    return found
+
+
+def has_external_data(model: ir.Model | onnx.ModelProto) -> bool:
+    if isinstance(model, onnx.ModelProto):
+        return bool(_external_locations(model))
+    return bool(external_files(model))
+
+
+def estimated_size(model: ir.Model | onnx.ModelProto) -> int:
+    """Serialized size in bytes, without serializing: weights from dtype and shape, plus the graph."""
+    if isinstance(model, onnx.ModelProto):
+        return serialized_size(model)
+    from onnxopt.graph import all_nodes, initializer_bytes
+
+    total = 0
+    for graph in model.graphs():
+        total += initializer_bytes(graph)
+    return total + 200 * sum(1 for _ in all_nodes(model.graph)) + 4096
 
 
 def _short(exc: BaseException) -> str:
@@ -242,30 +346,45 @@ def _short(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def model_size(model: onnx.ModelProto) -> int:
-    """Serialized size in bytes (works above protobuf's 2 GiB limit too)."""
-    return serialized_size(model)
+def model_size(model: ir.Model | onnx.ModelProto) -> int:
+    """Serialized size in bytes (estimated for the IR; works above protobuf's 2 GiB limit too)."""
+    return estimated_size(model)
 
 
 def save_model(
-    model: onnx.ModelProto,
+    model: ir.Model | onnx.ModelProto,
     path: str | os.PathLike,
     *,
     force: bool = False,
     external_data: bool | None = None,
     external_threshold: int | None = None,
+    check: bool = True,
 ) -> Path:
-    """Write ``model`` to ``path`` atomically.
+    """Write ``model`` to ``path`` atomically (``stage_model`` then ``commit``); returns ``path``."""
+    staged = stage_model(model, path, force=force, external_data=external_data,
+                         external_threshold=external_threshold, check=check)
+    return staged.commit()
 
-    External data (``<file>.data`` beside the model) is used when asked, or
-    automatically when the model would not fit a protobuf message (above
-    ``external_threshold`` bytes; default ``large_model_threshold()``, i.e. 2 GiB unless
-    ``ONNXOPT_EXTERNAL_THRESHOLD`` says otherwise). The caller's proto is never modified.
 
-    Everything is written under a temporary folder beside ``path`` and renamed into place; the
-    model file is renamed last, so it only ever appears complete and next to its data. If anything
-    fails or the run is interrupted, nothing new is left behind and an existing ``<file>.data`` is
-    put back.
+def stage_model(
+    model: ir.Model | onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    external_data: bool | None = None,
+    external_threshold: int | None = None,
+    check: bool = True,
+) -> StagedModel:
+    """Write ``model`` under a temporary folder beside ``path``, checked, ready to be renamed into place.
+
+    External data (``<file>.data`` beside the model) is used when asked, when the model's weights
+    already live in external data (the input's layout is kept), or when the model would not fit a
+    protobuf message (above ``external_threshold`` bytes; default ``large_model_threshold()``, i.e.
+    2 GiB unless ``ONNXOPT_EXTERNAL_THRESHOLD`` says otherwise). Weights are streamed to the data
+    file one at a time; weights still in the input's data file are copied file to file.
+
+    ``check``: the written file gets the full ONNX checker and strict shape inference (path-based,
+    so no size limit) before it can be committed. The caller's model is never modified.
     """
     path = Path(path)
     if path.is_dir():
@@ -277,59 +396,113 @@ def save_model(
         raise OnnxoptError(f"{folder}: output folder does not exist")
     if not os.access(folder, os.W_OK):
         raise OnnxoptError(f"{folder}: output folder is not writable")
-    threshold = external_threshold if external_threshold is not None else large_model_threshold()
-    use_external = external_data if external_data is not None else serialized_size(model) > threshold
-    if use_external and any(t.data_location == onnx.TensorProto.EXTERNAL and not t.HasField("raw_data")
-                            for t, _ in _external_locations(model)):
-        raise OnnxoptError(f"{path}: the model's external data was not loaded (load it with load_external=True)")
     data_name = path.name + ".data"
     final_data = folder / data_name
-    tmp_dir: Path | None = None
-    moved_aside = placed_data = False
+    is_proto = isinstance(model, onnx.ModelProto)
+    if is_proto and any(t.data_location == onnx.TensorProto.EXTERNAL and not t.HasField("raw_data")
+                        for t, _ in _external_locations(model)):
+        raise OnnxoptError(f"{path}: the model's external data was not loaded (load it with load_model)")
+    if not is_proto and final_data.exists() and final_data.resolve() in external_files(model):
+        raise OnnxoptError(f"{path}: would overwrite {data_name}, which holds the weights of the model being "
+                           "saved; choose another output name")
+    threshold = external_threshold if external_threshold is not None else large_model_threshold()
+    if external_data is not None:
+        use_external = external_data
+    else:
+        use_external = has_external_data(model) or estimated_size(model) > threshold
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=".onnxopt-", dir=folder))
+    except OSError as exc:
+        raise OnnxoptError(f"{path}: cannot write output ({exc.strerror or _short(exc)})") from None
+    staged = StagedModel(path, tmp_dir, data_name if use_external else None)
+    try:
         tmp_model = tmp_dir / path.name
         if use_external:
-            to_write = onnx.ModelProto()
-            to_write.CopyFrom(model)
-            onnx.save_model(
-                to_write,
-                str(tmp_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
-            del to_write
+            _save_external(as_ir(model), tmp_model, data_name)
             for written in (tmp_model, tmp_dir / data_name):
                 if written.exists():
                     _fsync(written)
         else:
+            proto = model if is_proto else _embedded_proto(model)
             with open(tmp_model, "wb") as f:
-                f.write(model.SerializeToString(deterministic=True))
+                f.write(proto.SerializeToString(deterministic=True))
                 f.flush()
                 os.fsync(f.fileno())
-        if use_external and (tmp_dir / data_name).exists():
-            if final_data.exists() or final_data.is_symlink():
-                os.replace(final_data, tmp_dir / "previous.data")  # put back if the commit fails
-                moved_aside = True
-            os.replace(tmp_dir / data_name, final_data)
-            placed_data = True
-        os.replace(tmp_model, path)  # the commit: the model appears complete, next to its data
-        placed_data = moved_aside = False
+            del proto
+        if check:
+            from onnxopt.checks import check_file
+
+            check_file(tmp_model)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            if placed_data:
-                os.unlink(final_data)
-            if moved_aside and tmp_dir is not None:
-                os.replace(tmp_dir / "previous.data", final_data)
+        staged.discard()
         if isinstance(exc, OSError):
             raise OnnxoptError(f"{path}: cannot write output ({exc.strerror or _short(exc)})") from None
         raise
-    finally:
-        if tmp_dir is not None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    return path
+    return staged
+
+
+def _embedded_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model as one protobuf message, external weights read in (the model itself is left as it is)."""
+    if external_files(model):
+        from onnxopt.graph import clone_model
+
+        model = ir.external_data.load_to_model(clone_model(model))
+    return to_proto(model)
+
+
+class StagedModel:
+    """A checked model written under a temporary folder beside its destination.
+
+    ``commit()`` renames it into place (the data file first, the model last, so the model only ever
+    appears complete and next to its data; if the commit fails an existing data file is put back);
+    ``discard()`` removes it. Also a context manager that discards whatever was not committed.
+    """
+
+    def __init__(self, path: Path, tmp_dir: Path, data_name: str | None):
+        self.destination = path
+        self.tmp_dir: Path | None = tmp_dir
+        self.data_name = data_name
+        self.path = tmp_dir / path.name  # the staged model, loadable by path (ONNX Runtime, checks)
+
+    def commit(self) -> Path:
+        if self.tmp_dir is None:
+            raise OnnxoptError(f"{self.destination}: staged model was already committed or discarded")
+        folder = self.destination.parent if str(self.destination.parent) else Path(".")
+        final_data = folder / self.data_name if self.data_name else None
+        moved_aside = placed_data = False
+        try:
+            if final_data is not None and (self.tmp_dir / self.data_name).exists():
+                if final_data.exists() or final_data.is_symlink():
+                    os.replace(final_data, self.tmp_dir / "previous.data")  # put back if the commit fails
+                    moved_aside = True
+                os.replace(self.tmp_dir / self.data_name, final_data)
+                placed_data = True
+            os.replace(self.path, self.destination)  # the commit
+            placed_data = moved_aside = False
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                if placed_data:
+                    os.unlink(final_data)
+                if moved_aside:
+                    os.replace(self.tmp_dir / "previous.data", final_data)
+            self.discard()
+            if isinstance(exc, OSError):
+                raise OnnxoptError(f"{self.destination}: cannot write output ({exc.strerror or _short(exc)})") \
+                    from None
+            raise
+        self.discard()
+        return self.destination
+
+    def discard(self) -> None:
+        if self.tmp_dir is not None:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self.tmp_dir = None
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
 
 
 def _fsync(path: Path) -> None:

@@ -5,15 +5,16 @@ The CLI is a thin layer over these functions; they are the Python API as well.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
+import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError
 from onnxopt.inspect import ModelSummary, summarize
-from onnxopt.model_io import load_model, save_model
+from onnxopt.model_io import load_model, stage_model
 from onnxopt.pass_infra import PassContext, PassManager, PipelineResult
 from onnxopt.progress import SILENT, Progress
 from onnxopt.recipe import GateConfig, Recipe, load_recipe
@@ -21,7 +22,7 @@ from onnxopt.recipe import GateConfig, Recipe, load_recipe
 
 @dataclass
 class OptimizeResult:
-    model: onnx.ModelProto
+    model: ir.Model
     pipeline: PipelineResult
     before: ModelSummary
     after: ModelSummary
@@ -88,11 +89,14 @@ def optimize(
     calib_labels: str | Path | None = None,
     workers: int = 1,
     localize: bool | None = None,
+    strict: bool | None = None,
 ) -> OptimizeResult:
     """Run ``recipe`` on the model at ``model_path``; validate on ``val`` if given; save to ``output``.
 
-    When the gate fails the output model is not written (unless ``keep_failed``), so a
-    later pipeline step cannot pick up a rejected model; reports are written either way.
+    The model is written (checked, under a temporary name beside ``output``) before validation, so the
+    gate runs ONNX Runtime on exactly the bytes that will be delivered; it is renamed into place only when
+    the gate passes (or ``keep_failed``), so a later pipeline step cannot pick up a rejected model.
+    Reports are written either way. ``strict``: the full checker and shape inference after every pass.
     """
     from onnxopt.data import load_labels, open_data
 
@@ -106,55 +110,69 @@ def optimize(
         raise OnnxoptError("--labels needs --val (the labels belong to the validation data)")
     if calib_labels is not None and calib is None:
         raise OnnxoptError("--calib-labels needs --calib (the labels belong to the calibration data)")
-    original = load_model(model_path)
+    model = load_model(model_path)
+    before = summarize(model, model_path)
     context = PassContext(progress=progress, workers=workers)
     if calib is not None:
-        context.calibration = open_data(calib, original, rec.data)
+        context.calibration = open_data(calib, model, rec.data)
         if calib_labels is not None:
             context.calibration_labels = load_labels(calib_labels, context.calibration)
-    val_data = open_data(val, original, rec.data) if val is not None else None
+    val_data = open_data(val, model, rec.data) if val is not None else None
     val_labels = load_labels(labels, val_data) if labels is not None else None
     context.validation = val_data
     context.labels = val_labels
 
     passes = rec.build_passes(context)
-    pipeline = PassManager(passes, progress=progress).run(original)
-    result = OptimizeResult(
-        model=pipeline.model,
-        pipeline=pipeline,
-        before=summarize(original),
-        after=summarize(pipeline.model),
-        recipe=rec,
-    )
-    if val_data is not None:
-        from onnxopt.validate import validate
-
-        result.validation = validate(
-            original,
-            pipeline.model,
-            val_data,
-            labels=val_labels,
-            gate=merge_gate(rec.gate, gate),
-            batch_size=batch_size or rec.data.batch_size,
-            progress=progress,
-        )
-        _maybe_localize(result.validation, original, pipeline.model, val_data, localize, progress)
-    if report_dir is not None:
-        from onnxopt.report import write_reports
-
-        result.reports = write_reports(
-            report_dir,
-            validation=result.validation,
-            pipeline=pipeline,
-            before=result.before,
-            after=result.after,
-            recipe=rec.to_dict(),
-            command=command,
-        )
-    if output is not None and (result.passed or keep_failed):
+    # The model was loaded for this run alone: the passes rewrite it in place. The original stays on disk,
+    # which is where ONNX Runtime reads it from for the gate.
+    pipeline = PassManager(passes, progress=progress, strict=strict).run(model, copy=False)
+    staged = None
+    if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        result.output = save_model(pipeline.model, output, force=force)
+        progress.message(f"writing {output}")
+        staged = stage_model(pipeline.model, output, force=force)
+    with staged if staged is not None else _nothing():
+        result = OptimizeResult(
+            model=pipeline.model,
+            pipeline=pipeline,
+            before=before,
+            after=summarize(pipeline.model, staged.path if staged is not None else None),
+            recipe=rec,
+        )
+        if val_data is not None:
+            from onnxopt.validate import validate
+
+            candidate = staged.path if staged is not None else pipeline.model
+            result.validation = validate(
+                model_path,
+                candidate,
+                val_data,
+                labels=val_labels,
+                gate=merge_gate(rec.gate, gate),
+                batch_size=batch_size or rec.data.batch_size,
+                progress=progress,
+            )
+            _maybe_localize(result.validation, model_path, candidate, val_data, localize, progress)
+        if report_dir is not None:
+            from onnxopt.report import write_reports
+
+            result.reports = write_reports(
+                report_dir,
+                validation=result.validation,
+                pipeline=pipeline,
+                before=result.before,
+                after=result.after,
+                recipe=rec.to_dict(),
+                command=command,
+            )
+        if staged is not None and (result.passed or keep_failed):
+            result.output = staged.commit()
     return result
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 def validate_files(
@@ -181,11 +199,13 @@ def validate_files(
     ref = load_model(reference)
     cand = load_model(candidate)
     source = open_data(data, ref, rec.data)
+    before, after = summarize(ref, reference), summarize(cand, candidate)
+    reference, candidate = Path(reference), Path(candidate)  # ORT reads the checked files themselves
     lab = load_labels(labels, source) if labels is not None else None
     kwargs = {"opt_level": opt_level} if opt_level else {}
     report = validate(
-        ref,
-        cand,
+        reference,
+        candidate,
         source,
         labels=lab,
         gate=merge_gate(rec.gate, gate),
@@ -193,11 +213,11 @@ def validate_files(
         progress=progress or SILENT,
         **kwargs,
     )
-    _maybe_localize(report, ref, cand, source, localize, progress or SILENT)
+    _maybe_localize(report, reference, candidate, source, localize, progress or SILENT)
     if report_dir is not None:
         from onnxopt.report import write_reports
 
-        write_reports(report_dir, validation=report, before=summarize(ref), after=summarize(cand),
+        write_reports(report_dir, validation=report, before=before, after=after,
                       recipe=rec.to_dict() if recipe is not None else None, command=command)
     return report
 

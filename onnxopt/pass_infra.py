@@ -1,25 +1,39 @@
 """Pass infrastructure: passes, their results, and the manager that runs a pipeline.
 
-Shaped after onnx_ir's pass infra: a pass is a small class with one ``call(model)``
-returning a ``PassResult``; optional ``requires``/``ensures`` checks; pass-specific
-outputs (ranges, scores, bit assignments) travel in subclasses of ``PassResult``.
+Shaped after onnx_ir's pass infra: a pass is a small class with one ``call(model: ir.Model)``
+returning a ``PassResult``; optional ``requires``/``ensures`` checks; pass-specific outputs
+(ranges, scores, bit assignments) travel in subclasses of ``PassResult``.
+
+Passes edit the IR in place. The manager hands them its own structural copy of the caller's model
+(nodes and values copied, tensors shared: passes never write into a tensor, see ``onnxopt.graph``), so
+the caller's model is left as it was at the cost of the graph, not of the weights. After each pass it
+runs the cheap ``check_ir``; the full checker and strict shape inference run at load and before saving,
+and after every pass only in strict mode (``strict=True`` or ``ONNXOPT_STRICT=1``).
+
+A pass or pipeline given an ``onnx.ModelProto`` returns one: convenient for tests and for callers
+that hold protobufs, at the cost of one conversion each way.
 """
 
 from __future__ import annotations
 
 import abc
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import onnx
+import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict
 
-from onnxopt.checks import check_model
+from onnxopt.checks import check_ir, check_model
 from onnxopt.errors import OnnxoptError, PassError, PreconditionError
-from onnxopt.graph import initializer_bytes, op_histogram
+from onnxopt.graph import all_nodes, clone_model, initializer_bytes, op_histogram
+from onnxopt.model_io import from_proto, to_proto
 from onnxopt.progress import SILENT, Progress
+
+STRICT_ENV = "ONNXOPT_STRICT"
 
 
 class PassConfig(BaseModel):
@@ -31,7 +45,7 @@ class PassConfig(BaseModel):
 
 @dataclass
 class PassResult:
-    model: onnx.ModelProto
+    model: ir.Model
     modified: bool
     # JSON-serialisable summary for the report (counts, names); keep it small.
     details: dict[str, Any] = field(default_factory=dict)
@@ -79,21 +93,26 @@ class Pass(abc.ABC):
             raise ValueError(f"config of type {self.config.type!r} given to pass {self.name!r}")
         self.context = context if context is not None else PassContext()
 
-    def requires(self, model: onnx.ModelProto) -> None:
+    def requires(self, model: ir.Model) -> None:
         """Raise ``PreconditionError`` if the pass cannot run on ``model``."""
         for need in sorted(self.needs):
             if getattr(self.context, need, None) is None:
                 raise PreconditionError(f"needs {need} data (pass it with --calib)" if need == "calibration"
                                         else f"needs {need} data")
 
-    def ensures(self, model: onnx.ModelProto) -> None:
+    def ensures(self, model: ir.Model) -> None:
         """Raise ``PreconditionError`` if the pass's promise does not hold on its output."""
         return None
 
     @abc.abstractmethod
-    def call(self, model: onnx.ModelProto) -> PassResult: ...
+    def call(self, model: ir.Model) -> PassResult:
+        """Rewrite ``model`` in place (or return another model) and say what changed."""
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
+    def __call__(self, model: ir.Model | onnx.ModelProto) -> PassResult:
+        if isinstance(model, onnx.ModelProto):  # protobuf in, protobuf out; the caller's proto is untouched
+            result = self(from_proto(model))
+            result.model = to_proto(result.model)
+            return result
         self.requires(model)
         result = self.call(model)
         self.ensures(result.model)
@@ -101,6 +120,32 @@ class Pass(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+class ProtoPass(Pass):
+    """Adapter for a pass still written against ``onnx.ModelProto`` while it is ported to the IR.
+
+    ``requires``, ``call`` and ``ensures`` get a protobuf with every weight read in (so this costs a
+    full copy of the model: no built-in pass should stay here).
+    """
+
+    def __call__(self, model: ir.Model | onnx.ModelProto) -> PassResult:
+        as_proto = isinstance(model, onnx.ModelProto)
+        proto = model if as_proto else _materialized_proto(model)
+        self.requires(proto)
+        result = self.call(proto)
+        self.ensures(result.model)
+        if not as_proto:
+            result.model = from_proto(result.model)
+        return result
+
+
+def _materialized_proto(model: ir.Model) -> onnx.ModelProto:
+    from onnxopt.model_io import external_files
+
+    if external_files(model):
+        model = ir.external_data.load_to_model(clone_model(model))
+    return to_proto(model)
 
 
 @dataclass
@@ -125,7 +170,7 @@ class PassRecord:
 
 @dataclass
 class PipelineResult:
-    model: onnx.ModelProto
+    model: ir.Model | onnx.ModelProto  # the kind the pipeline was given
     records: list[PassRecord]
     results: list[PassResult]
 
@@ -134,17 +179,28 @@ class PipelineResult:
         return any(r.modified for r in self.records)
 
 
+def strict_from_env() -> bool:
+    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 class PassManager:
     """Runs passes in order, checking the model after each and recording what changed."""
 
-    def __init__(self, passes: list[Pass], *, check: bool = True, progress: Progress | None = None):
+    def __init__(self, passes: list[Pass], *, check: bool = True, strict: bool | None = None,
+                 progress: Progress | None = None):
         self.passes = list(passes)
         self.check = check
+        self.strict = strict_from_env() if strict is None else strict
         self.progress = progress or SILENT
 
-    def run(self, model: onnx.ModelProto) -> PipelineResult:
-        work = onnx.ModelProto()
-        work.CopyFrom(model)  # the caller's model is never modified
+    def run(self, model: ir.Model | onnx.ModelProto, *, copy: bool = True) -> PipelineResult:
+        """Run the pipeline. The caller's model is not modified unless ``copy=False`` (an ``ir.Model`` the
+        caller hands over, e.g. one just loaded from a file, is then rewritten in place)."""
+        proto_in = isinstance(model, onnx.ModelProto)
+        if proto_in:
+            work = from_proto(model)
+        else:
+            work = clone_model(model) if copy else model
         records: list[PassRecord] = []
         results: list[PassResult] = []
         for p in self.passes:
@@ -153,13 +209,18 @@ class PassManager:
         total = len(self.passes)
         for step, p in enumerate(self.passes, 1):
             ops_before = op_histogram(work.graph)
-            nodes_before = len(work.graph.node)
+            nodes_before = len(work.graph)
             bytes_before = initializer_bytes(work.graph)
+            known = {id(n) for n in all_nodes(work.graph)} if self.check else None
             self.progress.message(f"[{step}/{total}] {p.name}")
             start = time.perf_counter()
             try:
                 result = p(work)
+                if not isinstance(result.model, ir.Model):
+                    raise TypeError(f"call() returned a {type(result.model).__name__}, not an ir.Model")
                 if self.check:
+                    check_ir(result.model, known_nodes=known)
+                if self.strict:
                     check_model(result.model)
             except OnnxoptError as exc:
                 raise self._named(p, step, ran, exc) from exc
@@ -174,7 +235,7 @@ class PassManager:
                     modified=result.modified,
                     seconds=seconds,
                     nodes_before=nodes_before,
-                    nodes_after=len(work.graph.node),
+                    nodes_after=len(work.graph),
                     ops_before=ops_before,
                     ops_after=op_histogram(work.graph),
                     initializer_bytes_before=bytes_before,
@@ -184,7 +245,7 @@ class PassManager:
             )
             results.append(result)
             ran.append(p.name)
-        return PipelineResult(model=work, records=records, results=results)
+        return PipelineResult(model=to_proto(work) if proto_in else work, records=records, results=results)
 
     @staticmethod
     def _named(p: Pass, step: int, ran: list[str], exc: BaseException, internal: bool = False) -> PassError:

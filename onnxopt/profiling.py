@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.graph import attr
+from onnxopt.legacy_graph import attr
 
 # Suffixes ORT's graph transformers append to the names of the nodes they create.
 _SUFFIXES = re.compile(r"(_token_\d+|_nchwc|_fused|_Fused\w*|_kernel_time)$")

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxopt.graph import GraphIndex, attr
+from onnxopt.legacy_graph import GraphIndex, attr
 
 QType = Literal["uint8", "int8", "uint16", "int16", "uint4", "int4", "int32"]
 

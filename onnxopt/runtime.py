@@ -18,16 +18,26 @@ own fusions can hide, or cause, small differences).
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.model_io import PROTOBUF_LIMIT, large_model_threshold, save_model, serialized_size
+from onnxopt.model_io import (
+    PROTOBUF_LIMIT,
+    estimated_size,
+    has_external_data,
+    large_model_threshold,
+    save_model,
+    serialized_size,
+    to_proto,
+)
 from onnxopt.progress import SILENT
 
 OPT_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
@@ -72,22 +82,37 @@ def session_options(opt_level: str = DEFAULT_OPT_LEVEL, threads: int | None = No
     return so
 
 
-def make_session(model: onnx.ModelProto, *, opt_level: str = DEFAULT_OPT_LEVEL, threads: int | None = None,
-                 what: str = "model") -> ort.InferenceSession:
-    """An ORT CPU session for ``model`` (from memory; via a temporary external-data file above 2 GB,
-    or above ``ONNXOPT_EXTERNAL_THRESHOLD`` when that is set).
+# Above this many bytes of weights a model goes to ONNX Runtime through a file with external data, never as
+# one serialized buffer (which would copy every weight twice more in this process).
+FILE_SESSION_BYTES = 256 << 20
 
+
+def make_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, *, opt_level: str = DEFAULT_OPT_LEVEL,
+                 threads: int | None = None, what: str = "model") -> ort.InferenceSession:
+    """An ORT CPU session for ``model``: a path (ORT reads the file and its external data itself), an IR
+    model or a ``ModelProto``.
+
+    An in-memory model whose weights live in external data, or above ``FILE_SESSION_BYTES`` (or
+    ``ONNXOPT_EXTERNAL_THRESHOLD`` when that is set), is written to a temporary file with external data
+    and handed over by path; weights still in the input's data file are copied file to file.
     ``what`` names the model in errors ("onnxruntime cannot load candidate: ...").
     """
     so = session_options(opt_level, threads)
     tmp = None
     try:
-        if serialized_size(model) > min(PROTOBUF_LIMIT, large_model_threshold()):
+        if isinstance(model, str | os.PathLike):
+            session = ort.InferenceSession(str(model), so, providers=PROVIDERS)
+        elif _through_file(model):
             tmp = tempfile.TemporaryDirectory(prefix="onnxopt-ort-", ignore_cleanup_errors=True)
-            path = save_model(model, Path(tmp.name) / "model.onnx", external_data=True)
+            path = Path(tmp.name) / "model.onnx"
+            if isinstance(model, onnx.ModelProto):
+                save_model(model, path, external_data=True, check=False)
+            else:
+                save_model(model, path, external_data=True, check=False)
             session = ort.InferenceSession(str(path), so, providers=PROVIDERS)
         else:
-            session = ort.InferenceSession(model.SerializeToString(), so, providers=PROVIDERS)
+            proto = model if isinstance(model, onnx.ModelProto) else to_proto(model)
+            session = ort.InferenceSession(proto.SerializeToString(), so, providers=PROVIDERS)
     except OnnxoptError:
         if tmp is not None:
             tmp.cleanup()
@@ -101,6 +126,13 @@ def make_session(model: onnx.ModelProto, *, opt_level: str = DEFAULT_OPT_LEVEL, 
     session._onnxopt_what = what
     session._onnxopt_opt_level = opt_level
     return session
+
+
+def _through_file(model: ir.Model | onnx.ModelProto) -> bool:
+    limit = min(PROTOBUF_LIMIT, large_model_threshold(), FILE_SESSION_BYTES)
+    if isinstance(model, onnx.ModelProto):
+        return serialized_size(model) > min(PROTOBUF_LIMIT, large_model_threshold())
+    return has_external_data(model) or estimated_size(model) > limit
 
 
 def static_batch(session: ort.InferenceSession) -> int | None:

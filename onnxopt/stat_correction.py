@@ -25,7 +25,7 @@ import onnx
 from pydantic import BaseModel, Field, PositiveInt
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.graph import GraphIndex, ancestors
+from onnxopt.legacy_graph import GraphIndex, ancestors
 from onnxopt.progress import Progress
 
 DEFAULT_DOMAINS = ("", "ai.onnx")

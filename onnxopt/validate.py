@@ -30,14 +30,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from onnxopt.data import DataSource, model_inputs
 from onnxopt.errors import DataError, OnnxoptError
 from onnxopt.metrics import AccuracyStats, OutputMetrics, OutputStats, fmt, json_safe
+from onnxopt.model_io import as_ir
 from onnxopt.progress import SILENT, Progress
 from onnxopt.recipe import GateConfig
 from onnxopt.runtime import DEFAULT_OPT_LEVEL, make_session, ort_version, run_batch
@@ -144,10 +147,23 @@ class ValidationReport:
 
 
 # --------------------------------------------------------------------------------------------
-def _tensor_outputs(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+ModelRef = ir.Model | onnx.ModelProto | str | Path
+
+
+def interface_model(model: ModelRef) -> ir.Model:
+    """The model's IR, for its inputs and outputs; a path is read without its external data or checks
+    (the caller loaded and checked it already, or ONNX Runtime will refuse it)."""
+    if isinstance(model, str | Path):
+        from onnxopt.model_io import from_proto
+
+        return from_proto(onnx.load(str(model), load_external_data=False))
+    return as_ir(model)
+
+
+def _tensor_outputs(model: ir.Model) -> tuple[list[str], list[str]]:
     tensors, others = [], []
-    for o in model.graph.output:
-        (tensors if o.type.WhichOneof("value") in ("tensor_type", None) else others).append(o.name)
+    for o in model.graph.outputs:
+        (tensors if o.type is None or isinstance(o.type, ir.TensorType) else others).append(o.name)
     return tensors, others
 
 
@@ -155,7 +171,7 @@ def _names(items) -> str:
     return ", ".join(repr(x) for x in items) or "none"
 
 
-def check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
+def check_interfaces(reference: ir.Model, candidate: ir.Model) -> None:
     """Raise ``OnnxoptError`` unless both models take the same inputs (names, dtypes) and give the same outputs."""
     ref_in = {s.name: s for s in model_inputs(reference)}
     cand_in = {s.name: s for s in model_inputs(candidate)}
@@ -168,8 +184,8 @@ def check_interfaces(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> 
         if cand_in[name].dtype != spec.dtype:
             raise OnnxoptError(f"input {name!r} is {spec.dtype} in the reference but {cand_in[name].dtype} "
                                "in the candidate")
-    ref_out = [o.name for o in reference.graph.output]
-    cand_out = [o.name for o in candidate.graph.output]
+    ref_out = [o.name for o in reference.graph.outputs]
+    cand_out = [o.name for o in candidate.graph.outputs]
     if set(ref_out) != set(cand_out):
         only_ref = [n for n in ref_out if n not in cand_out]
         only_cand = [n for n in cand_out if n not in ref_out]
@@ -265,7 +281,7 @@ def _pick_accuracy_output(order: list[str], ref_out: dict[str, np.ndarray]) -> s
     return None
 
 
-def validate(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSource, *,
+def validate(reference: ModelRef, candidate: ModelRef, data: DataSource, *,
              labels: np.ndarray | None = None, gate: GateConfig | None = None, batch_size: int = 32,
              opt_level: str = DEFAULT_OPT_LEVEL, progress: Progress | None = None,
              threads: int | None = None) -> ValidationReport:
@@ -273,13 +289,14 @@ def validate(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataS
     (the caller decides: ``report.passed``). Raises ``OnnxoptError`` for unusable input."""
     gate = gate or GateConfig()
     progress = progress or SILENT
-    check_interfaces(reference, candidate)
-    ref_inputs = [s.name for s in model_inputs(reference)]
+    ref_ir, cand_ir = interface_model(reference), interface_model(candidate)
+    check_interfaces(ref_ir, cand_ir)
+    ref_inputs = [s.name for s in model_inputs(ref_ir)]
     if set(data.input_names) != set(ref_inputs):
         raise DataError(f"data ({data.description}) feeds {_names(data.input_names)} but the models take "
                         f"{_names(ref_inputs)}")
-    tensor_outs, other_outs = _tensor_outputs(reference)
-    all_outs = [o.name for o in reference.graph.output]
+    tensor_outs, other_outs = _tensor_outputs(ref_ir)
+    all_outs = [o.name for o in ref_ir.graph.outputs]
     notes = list(getattr(data, "notes", []))
     for o in other_outs:
         notes.append(f"output {o!r} is not a tensor (sequence/map); not compared")
@@ -299,7 +316,7 @@ def validate(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataS
             raise DataError(f"{labels.shape[0]} labels but the data has {len(data)} samples")
 
     bs = data.effective_batch_size(batch_size)
-    cand_limits = [s.static_batch for m in (reference, candidate) for s in model_inputs(m) if s.static_batch]
+    cand_limits = [s.static_batch for m in (ref_ir, cand_ir) for s in model_inputs(m) if s.static_batch]
     if cand_limits:
         bs = min(bs, min(cand_limits))
     if bs != batch_size:

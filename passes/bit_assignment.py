@@ -36,7 +36,7 @@ from onnx import numpy_helper
 from pydantic import Field, model_validator
 
 from onnxopt.errors import PreconditionError
-from onnxopt.graph import GraphIndex
+from onnxopt.legacy_graph import GraphIndex
 from onnxopt.mixed import (
     BitAssignmentResult,
     Component,
@@ -49,7 +49,7 @@ from onnxopt.mixed import (
     weight_components,
 )
 from onnxopt.model_io import atomic_write
-from onnxopt.pass_infra import Pass, PassConfig
+from onnxopt.pass_infra import PassConfig, ProtoPass
 from onnxopt.runtime import make_session, run_batch
 
 
@@ -118,7 +118,7 @@ def assign_within(path: list[tuple[str, int]], params: dict[str, int], lowest: i
     return bits
 
 
-class BitAssignment(Pass):
+class BitAssignment(ProtoPass):
     name = "bit-assignment"
     summary = ("Choose 4/8/16-bit weights per layer from significance scores under a budget (average bits, "
                "bytes or accuracy drop); quantize-qdq applies it.")

@@ -39,7 +39,7 @@ from pydantic import Field
 from onnxopt.errors import DataError, OnnxoptError
 from onnxopt.model_io import PROTOBUF_LIMIT, atomic_write
 from onnxopt.observers import Observer, make_observer
-from onnxopt.pass_infra import Pass, PassConfig
+from onnxopt.pass_infra import PassConfig, ProtoPass
 from onnxopt.ranges import CalibrationResult, TensorRange
 from onnxopt.runtime import make_session, run_batch
 
@@ -218,7 +218,7 @@ def default_cache_dir(context_dir: Path | None) -> Path:
 # --------------------------------------------------------------------------------------------
 # The pass
 # --------------------------------------------------------------------------------------------
-class Calibrate(Pass):
+class Calibrate(ProtoPass):
     name = "calibrate"
     summary = "Measure activation ranges on calibration data (min/max, percentile, entropy or MSE); model unchanged."
     Config = CalibrateConfig

@@ -21,17 +21,19 @@ from onnx import helper, numpy_helper
 from pydantic import Field
 
 from onnxopt.errors import PreconditionError
-from onnxopt.graph import GraphIndex, attr, opset_version, subgraphs
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
-
-from .dead_code import (
+from onnxopt.legacy_graph import (
+    GraphIndex,
+    attr,
     dead_nodes,
     defined_names,
     delete_nodes,
     drop_initializers,
     drop_value_info,
+    opset_version,
     read_names,
+    subgraphs,
 )
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
@@ -141,7 +143,7 @@ def evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
     return {name: v for name, v in zip(outputs, values, strict=True) if isinstance(v, np.ndarray)}
 
 
-class ConstantFolding(Pass):
+class ConstantFolding(ProtoPass):
     name = "constant-folding"
     summary = "Precompute nodes with constant inputs and static shape arithmetic; Constant nodes become initializers."
     Config = ConstantFoldingConfig

@@ -33,8 +33,8 @@ import onnx
 from onnx import TensorProto, helper
 from pydantic import Field
 
-from onnxopt.graph import GraphIndex, implicit_inputs, subgraphs
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.legacy_graph import GraphIndex, implicit_inputs, subgraphs
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = 65504.0
@@ -122,7 +122,7 @@ def _fits_fp16(a: np.ndarray, small: int = 16) -> bool:
     return norm == 0 or float(np.linalg.norm(a.astype(np.float16).astype(np.float32) - a)) <= 1e-3 * norm
 
 
-class Float16(Pass):
+class Float16(ProtoPass):
     name = "fp16"
     summary = ("float16 weights and float16 compute where safe (fragile ops and overflowing values stay float32; "
                "on ORT CPU only ops with float16 kernels), float32 model I/O.")

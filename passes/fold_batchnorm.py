@@ -12,10 +12,8 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from onnxopt.graph import GraphIndex, attr, set_attr
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
-
-from .dead_code import drop_initializers, drop_value_info
+from onnxopt.legacy_graph import GraphIndex, attr, drop_initializers, drop_value_info, set_attr
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
@@ -50,7 +48,7 @@ def _folded_weights(op: onnx.NodeProto, w: np.ndarray, bias: np.ndarray | None, 
     return w, bias
 
 
-class FoldBatchNorm(Pass):
+class FoldBatchNorm(ProtoPass):
     name = "fold-batchnorm"
     summary = "Fold inference BatchNormalization into the preceding Conv/ConvTranspose/Gemm weights."
     Config = FoldBatchNormConfig

@@ -11,10 +11,16 @@ from typing import Literal
 import numpy as np
 import onnx
 
-from onnxopt.graph import GraphIndex, attr, opset_version, set_attr
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
-
-from .dead_code import delete_nodes, drop_initializers, drop_value_info
+from onnxopt.legacy_graph import (
+    GraphIndex,
+    attr,
+    delete_nodes,
+    drop_initializers,
+    drop_value_info,
+    opset_version,
+    set_attr,
+)
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -51,7 +57,7 @@ def _pad_amounts(index: GraphIndex, pad: onnx.NodeProto, opset: int, rank: int) 
     return full
 
 
-class FoldPadIntoConv(Pass):
+class FoldPadIntoConv(ProtoPass):
     name = "fold-pad-into-conv"
     summary = "Fold zero constant Pad nodes into the pads of the Conv that consumes them."
     Config = FoldPadIntoConvConfig

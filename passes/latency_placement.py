@@ -63,9 +63,9 @@ from onnxopt.passes.quantize_qdq import (
 from pydantic import Field
 
 from onnxopt.errors import PreconditionError
-from onnxopt.graph import attr
 from onnxopt.isa import detect_cpu
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.legacy_graph import attr
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 from onnxopt.profiling import Profile, make_session, op_kinds, profile
 from onnxopt.quant import shield_float_ops
 
@@ -174,7 +174,7 @@ def _sqnr(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
     return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
 
 
-class LatencyPlacement(Pass):
+class LatencyPlacement(ProtoPass):
     name = "latency-placement"
     summary = ("Per quantized op, keep integer compute where ONNX Runtime runs it faster on this CPU "
                "(measured), else 7-bit weights or float; records the best session options.")

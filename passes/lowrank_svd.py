@@ -56,8 +56,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -66,16 +64,16 @@ import onnx
 from onnx import helper
 from pydantic import Field, PositiveInt, model_validator
 
+from onnxopt.activations import GramRequest, InputStats, collect_grams, single_threaded_blas
 from onnxopt.errors import OnnxoptError, PreconditionError
-from onnxopt.graph import GraphIndex, attr
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.legacy_graph import GraphIndex, attr
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 DEFAULT_RULE = ("param_ratio", 0.75)
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 SVD_MARK = "/lowrank_svd/"
 ALLOC_FLOOR = 1e-3  # allocation: a relative squared error this small counts as done (see allocate_ranks)
-GRAM_CHUNK = 8192  # rows per float32 product before adding into the float64 Gram matrix
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,18 +192,6 @@ class LowRankSVDResult(LowRankResult):
 # --------------------------------------------------------------------------------------------
 # Linear algebra
 # --------------------------------------------------------------------------------------------
-def single_threaded_blas():
-    """A context limiting BLAS/LAPACK to one thread when ``threadpoolctl`` is installed (else a no-op).
-
-    The eigenproblems here are small (at most a few thousand); multi-threaded LAPACK gains little on
-    them and loses up to 10x on a busy machine, where OpenBLAS threads spin waiting for a core."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return nullcontext()
-    return threadpool_limits(1)
-
-
 def chol_root(c: np.ndarray) -> np.ndarray:
     """Lower-triangular ``L`` with ``L @ L.T == c`` (a PSD Gram matrix); a singular ``c`` gets the smallest
     diagonal jitter (from 1e-12 of its mean diagonal) that makes the factorization succeed."""
@@ -347,140 +333,6 @@ def allocate_ranks(layers: dict[str, tuple[int, int, np.ndarray]], ratio: float)
 
 
 # --------------------------------------------------------------------------------------------
-# Calibration: streaming Gram matrices of layer inputs
-# --------------------------------------------------------------------------------------------
-@dataclass
-class GramRequest:
-    """Accumulate ``R^T R`` over the rows ``R = rows(x)`` of activation ``tensor``."""
-
-    tensor: str
-    dim: int
-    rows: Any  # callable: np.ndarray -> 2-D array [n, dim]
-
-
-def _exposed(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``tensors`` added as graph outputs."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    have = {o.name for o in work.graph.output}
-    for name in tensors:
-        if name not in have:
-            work.graph.output.append(onnx.ValueInfoProto(name=name))
-    return work
-
-
-def _batches(source, batch_size: int, max_samples: int | None):
-    left = max_samples
-    for batch in source.batches(batch_size):
-        if left is not None:
-            if left <= 0:
-                return
-            n = next(iter(batch.values())).shape[0]
-            if n > left:
-                batch = {k: v[:left] for k, v in batch.items()}
-            left -= min(n, left)
-        yield batch
-
-
-@dataclass
-class InputStats:
-    """First and second moments of a layer's input rows: ``gram = E[x^T x]`` (K x K), ``mean = E[x]``."""
-
-    gram: np.ndarray
-    mean: np.ndarray
-    rows: int
-    # squared Frobenius variance of ``gram`` as an estimate (Ledoit-Wolf's beta^2), from the spread of the
-    # per-batch Gram matrices: rows of one sample (tokens, pixels) are not independent, batches are
-    noise: float = 0.0
-
-    @property
-    def covariance(self) -> np.ndarray:
-        return self.gram - np.outer(self.mean, self.mean)
-
-    def shrinkage(self, c: np.ndarray) -> float:
-        """Ledoit-Wolf intensity for ``c`` (the Gram or covariance estimated here): how far to pull it towards
-        a multiple of the identity, given how much it varies between calibration batches (0: not at all)."""
-        p = len(c)
-        m = float(np.trace(c)) / p
-        d2 = float(np.sum(c * c)) - 2 * m * float(np.trace(c)) + m * m * p  # ||C - m I||_F^2
-        if d2 <= 0:
-            return 0.0
-        return min(self.noise, d2) / d2
-
-
-def collect_grams(model: onnx.ModelProto, source, requests: dict[Any, GramRequest], *, batch_size: int,
-                  max_samples: int | None, progress, what: str) -> tuple[dict[Any, InputStats], int]:
-    """Run ``model`` over ``source`` once; return ({key: InputStats}, samples). Activations are dropped
-    after each batch; only the float64 moments are kept."""
-    from onnxopt.runtime import make_session, run_batch
-
-    graph_inputs = {i.name for i in model.graph.input}
-    tensors = list(dict.fromkeys(r.tensor for r in requests.values()))
-    fetch = [t for t in tensors if t not in graph_inputs]
-    session = make_session(_exposed(model, fetch), opt_level="basic", what=f"model ({what} calibration)")
-    feed_names = {i.name for i in session.get_inputs()}
-    grams = {k: np.zeros((r.dim, r.dim)) for k, r in requests.items()}
-    sums = {k: np.zeros(r.dim) for k, r in requests.items()}
-    # for the estimation noise: sum over batches of ||S_b||^2 and n_b S_b and n_b^2 (S_b: batch Gram sum);
-    # a single batch falls back to single rows as the observations (sum of ||x||^4)
-    sq = dict.fromkeys(requests, 0.0)
-    weighted = {k: np.zeros((r.dim, r.dim)) for k, r in requests.items()}
-    n2 = dict.fromkeys(requests, 0.0)
-    fourth = dict.fromkeys(requests, 0.0)
-    counts = dict.fromkeys(requests, 0)
-
-    def accumulate(key, x):
-        rows = requests[key].rows(x)
-        if rows.shape[1] != requests[key].dim:
-            raise OnnxoptError(f"{what}: activation {requests[key].tensor!r} has {rows.shape[1]} features, "
-                               f"expected {requests[key].dim}")
-        # one batch in float32 (float64 if that is the activations' type), the running sum in float64
-        rows = np.ascontiguousarray(rows, dtype=np.float64 if rows.dtype == np.float64 else np.float32)
-        batch = np.zeros_like(grams[key])
-        for start in range(0, rows.shape[0], GRAM_CHUNK):
-            part = rows[start:start + GRAM_CHUNK]
-            batch += part.T @ part
-        n = rows.shape[0]
-        grams[key] += batch
-        sq[key] += float(np.sum(batch * batch))
-        weighted[key] += n * batch
-        n2[key] += float(n) * n
-        sums[key] += rows.sum(axis=0, dtype=np.float64)
-        fourth[key] += float(np.sum(np.square(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))))
-        counts[key] += n
-
-    done = 0
-    total = len(source) if max_samples is None else min(len(source), max_samples)
-    with single_threaded_blas(), ThreadPoolExecutor(2) as pool, \
-            progress.task(f"{what}: input statistics", total) as bar:
-        for batch in _batches(source, batch_size, max_samples):
-            feed = {k: v for k, v in batch.items() if k in feed_names}
-            values = run_batch(session, feed, fetch, first_sample=done) if fetch else {}
-            for t in tensors:
-                if t in graph_inputs:
-                    values[t] = batch[t]
-            jobs = [pool.submit(accumulate, key, values[r.tensor]) for key, r in requests.items()]
-            for j in jobs:
-                j.result()
-            n = next(iter(batch.values())).shape[0]
-            done += n
-            bar.update(n)
-            del values, feed, batch
-    if done == 0:
-        raise OnnxoptError(f"{what}: no calibration samples in {source.description}")
-    out = {}
-    for k, g in grams.items():
-        n = max(counts[k], 1)
-        gram = g / n
-        if n2[k] < float(n) * n:  # several batches: Var(G) ~ sum_b (n_b/n)^2 ||G_b - G||^2
-            noise = (sq[k] - 2 * float(np.sum(weighted[k] * gram)) + n2[k] * float(np.sum(gram * gram))) / (n * n)
-        else:  # one batch: its rows as the observations
-            noise = (fourth[k] / n - float(np.sum(gram * gram))) / n
-        out[k] = InputStats(gram, sums[k] / n, counts[k], max(noise, 0.0))
-    return out, done
-
-
-# --------------------------------------------------------------------------------------------
 # Layer discovery shared by the low-rank passes
 # --------------------------------------------------------------------------------------------
 def node_label(node: onnx.NodeProto) -> str:
@@ -545,7 +397,7 @@ def matrix_choice(w: np.ndarray, f: Spectrum, r: int, stats: InputStats | None, 
     return out
 
 
-class LowRankPassBase(Pass):
+class LowRankPassBase(ProtoPass):
     """Selection, rank rules and bookkeeping common to the low-rank passes."""
 
     def __init__(self, config=None, context=None):

@@ -45,7 +45,7 @@ from onnx import helper
 from pydantic import AfterValidator, Field
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.graph import GraphIndex, attr
+from onnxopt.legacy_graph import GraphIndex, attr
 
 from .lowrank_svd import (
     DEFAULT_DOMAINS,

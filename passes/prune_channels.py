@@ -47,8 +47,8 @@ import onnx
 from pydantic import Field, NonNegativeFloat, PositiveInt
 
 from onnxopt.errors import PreconditionError
-from onnxopt.graph import GraphIndex, attr, initializer_bytes, parameter_count, set_attr, tensor_bytes
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.legacy_graph import GraphIndex, attr, initializer_bytes, parameter_count, set_attr, tensor_bytes
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 from onnxopt.stat_correction import (
     StatisticsCorrectionOptions,
     correct_channel_statistics,
@@ -209,7 +209,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     return out
 
 
-class PruneChannels(Pass):
+class PruneChannels(ProtoPass):
     name = "prune-channels"
     summary = "Structured pruning: remove whole output channels of Conv/Gemm/MatMul and the inputs that read them."
     Config = PruneChannelsConfig

@@ -93,9 +93,9 @@ from pydantic import Field, PositiveInt, field_validator
 
 from onnxopt import compression
 from onnxopt.errors import OnnxoptError, PreconditionError
-from onnxopt.graph import GraphIndex, attr
+from onnxopt.legacy_graph import GraphIndex, attr
 from onnxopt.model_io import atomic_write
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 from onnxopt.stat_correction import (
     ChannelCorrection,
     StatisticsCorrectionOptions,
@@ -495,7 +495,7 @@ def _targets(index: GraphIndex, skipped: dict[str, str]) -> list[_Layer]:
 # --------------------------------------------------------------------------------------------
 # The pass
 # --------------------------------------------------------------------------------------------
-class PruneWeights(Pass):
+class PruneWeights(ProtoPass):
     name = "prune-weights"
     summary = ("Zero weights of Conv/Gemm/MatMul layers (unstructured or N:M; per layer or one global "
                "threshold); data-aware with --calib: re-fit the kept weights (SparseGPT/OBS), masks to a sidecar.")

@@ -34,14 +34,13 @@ from onnx import TensorProto, helper
 from pydantic import Field
 
 from onnxopt.errors import OnnxoptError, PreconditionError
-from onnxopt.graph import GraphIndex, attr, opset_version
 from onnxopt.isa import detect_cpu
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.legacy_graph import GraphIndex, attr, drop_value_info, eliminate, opset_version
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 from onnxopt.quant import quantize, weight_params
 from onnxopt.runtime import make_session, run_batch
 
 from .calibrate import exposed_model, limited_batches
-from .dead_code import drop_value_info, eliminate
 
 MS_DOMAIN = "com.microsoft"
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -187,7 +186,7 @@ def channel_maxima(model: onnx.ModelProto, tensors: list[str], source, batch_siz
     return amax
 
 
-class QuantizeDynamic(Pass):
+class QuantizeDynamic(ProtoPass):
     name = "quantize-dynamic"
     summary = "Dynamic INT8: MatMul/Gemm/Attention weights int8 per channel, activations quantized at run time."
     Config = QuantizeDynamicConfig

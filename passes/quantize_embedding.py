@@ -21,11 +21,9 @@ import onnx
 from onnx import TensorProto, helper
 from pydantic import Field
 
-from onnxopt.graph import GraphIndex, attr, opset_version
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.legacy_graph import GraphIndex, attr, drop_initializers, opset_version
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 from onnxopt.quant import quantize, weight_params
-
-from .dead_code import drop_initializers
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -36,7 +34,7 @@ class QuantizeEmbeddingConfig(PassConfig):
     exclude_tensors: list[str] = Field(default_factory=list, description="table initializers left in float")
 
 
-class QuantizeEmbedding(Pass):
+class QuantizeEmbedding(ProtoPass):
     name = "quantize-embedding"
     summary = "Store large Gather tables (word embeddings) as int8 with per-row scales; dequantize gathered rows."
     Config = QuantizeEmbeddingConfig

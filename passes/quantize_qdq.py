@@ -52,10 +52,10 @@ from onnx import TensorProto, helper
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from onnxopt.errors import OnnxoptError, PreconditionError
-from onnxopt.graph import GraphIndex, attr, opset_version, set_attr
 from onnxopt.isa import SCHEME_SPECS, SchemeChoice, choose_scheme, detect_cpu
+from onnxopt.legacy_graph import GraphIndex, attr, opset_version, set_attr
 from onnxopt.mixed import BitAssignmentResult, clipping_for
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 from onnxopt.quant import (
     activation_params,
     dequantize,
@@ -364,7 +364,7 @@ class _Anchor:
         return (self.absorbed or self.node).output[0]
 
 
-class QuantizeQDQ(Pass):
+class QuantizeQDQ(ProtoPass):
     name = "quantize-qdq"
     summary = ("Static INT8 quantization: QuantizeLinear/DequantizeLinear placed for ONNX Runtime's integer "
                "kernels, per-channel weights, scheme chosen for the CPU.")

@@ -38,8 +38,8 @@ from onnx import helper
 from pydantic import Field, field_validator
 
 from onnxopt.errors import OnnxoptError, PreconditionError
-from onnxopt.graph import GraphIndex, attr, opset_version
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.legacy_graph import GraphIndex, attr, opset_version
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 
 MS_DOMAIN = "com.microsoft"
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -327,7 +327,7 @@ class _Target:
     k_axis: int  # reduction axis of ``stored`` (dequantize-linear)
 
 
-class QuantizeWeightOnly(Pass):
+class QuantizeWeightOnly(ProtoPass):
     name = "quantize-weight-only"
     summary = ("Weight-only int4/int8 block quantization of MatMul/Gemm weights (MatMulNBits or opset-21 "
                "DequantizeLinear) and optionally embedding tables; RTN or GPTQ with --calib.")

@@ -13,11 +13,17 @@ import numpy as np
 import onnx
 
 from onnxopt.errors import PreconditionError
-from onnxopt.graph import GraphIndex, attr, opset_version, subgraphs
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.legacy_graph import (
+    GraphIndex,
+    attr,
+    drop_initializers,
+    drop_value_info,
+    opset_version,
+    subgraphs,
+)
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 
 from .constant_folding import infer_value_types
-from .dead_code import drop_initializers, drop_value_info
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -33,7 +39,7 @@ def _elem_type(types: dict[str, onnx.TypeProto], name: str) -> int | None:
     return t.tensor_type.elem_type if t is not None and t.HasField("tensor_type") else None
 
 
-class RemoveIdentity(Pass):
+class RemoveIdentity(ProtoPass):
     name = "remove-identity"
     summary = "Remove Identity, inference-mode Dropout and same-type Cast nodes."
     Config = RemoveIdentityConfig

@@ -6,8 +6,8 @@ from typing import Literal
 
 import onnx
 
-from onnxopt.graph import tensor_bytes
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.legacy_graph import tensor_bytes
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 
 # Initializers up to this size keep their values, so data propagation still sees shape tensors,
 # axes and the like; larger ones are weights whose values inference never reads.
@@ -50,7 +50,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-class ShapeInference(Pass):
+class ShapeInference(ProtoPass):
     name = "shape-inference"
     summary = "Infer shapes and types of every value and store them in the graph (value_info)."
     Config = ShapeInferenceConfig

@@ -22,8 +22,8 @@ import onnx
 from pydantic import Field
 
 from onnxopt.errors import PreconditionError
-from onnxopt.graph import GraphIndex, attr
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.legacy_graph import GraphIndex, attr
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 INT8_TYPES = (np.int8, np.uint8)
@@ -88,7 +88,7 @@ def share(q: np.ndarray, zero_point: np.ndarray, scale2: np.ndarray, bits: int,
     return np.clip(out + zero_point, info.min, info.max).astype(q.dtype)
 
 
-class ShareWeights(Pass):
+class ShareWeights(ProtoPass):
     name = "share-weights"
     summary = ("Weight sharing: cluster each 8-bit weight tensor of a QDQ model into 2**bits values (k-means, "
                "zero point kept) so entropy coding stores about `bits` per weight.")

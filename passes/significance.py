@@ -34,7 +34,7 @@ from pydantic import Field
 
 from onnxopt.data import load_labels
 from onnxopt.errors import PreconditionError
-from onnxopt.graph import GraphIndex
+from onnxopt.legacy_graph import GraphIndex
 from onnxopt.mixed import (
     Component,
     ScoreEntry,
@@ -44,7 +44,7 @@ from onnxopt.mixed import (
     save_scores,
     weight_components,
 )
-from onnxopt.pass_infra import Pass, PassConfig
+from onnxopt.pass_infra import PassConfig, ProtoPass
 from onnxopt.quant import activation_params
 from onnxopt.ranges import CalibrationResult
 from onnxopt.runtime import make_session, run_batch
@@ -260,7 +260,7 @@ def _score_in_worker(c: Component) -> tuple[str, float]:
 
 
 # --- the pass ----------------------------------------------------------------------------------------
-class Significance(Pass):
+class Significance(ProtoPass):
     name = "significance"
     summary = ("Score each weight (optionally activation) by the loss increase when only it is quantized "
                "aggressively; semantic mode scores on the most confused classes.")

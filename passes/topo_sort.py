@@ -11,8 +11,8 @@ from typing import Literal
 import onnx
 
 from onnxopt.errors import InvalidModelError
-from onnxopt.graph import implicit_inputs
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.legacy_graph import implicit_inputs
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 
 
 class TopologicalSortConfig(PassConfig):
@@ -61,7 +61,7 @@ def sort_nodes(graph: onnx.GraphProto) -> bool:
     return True
 
 
-class TopologicalSort(Pass):
+class TopologicalSort(ProtoPass):
     name = "topological-sort"
     summary = "Order nodes so every value is produced before it is used (stable)."
     Config = TopologicalSortConfig

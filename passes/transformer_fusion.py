@@ -28,11 +28,9 @@ from onnx import helper
 from pydantic import Field
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.graph import GraphIndex, attr
-from onnxopt.pass_infra import Pass, PassConfig, PassResult
+from onnxopt.legacy_graph import GraphIndex, attr, drop_value_info, eliminate
+from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 from onnxopt.runtime import make_session, ort_version, run_batch
-
-from .dead_code import drop_value_info, eliminate
 
 MS_DOMAIN = "com.microsoft"
 
@@ -53,7 +51,7 @@ class TransformerFusionConfig(PassConfig):
     verify_samples: int = Field(8, ge=0, description="samples compared with the original (0: no check)")
 
 
-class TransformerFusion(Pass):
+class TransformerFusion(ProtoPass):
     name = "transformer-fusion"
     summary = "Fuse BERT-family attention, GELU, (Skip)LayerNorm and bias adds into ONNX Runtime contrib ops."
     Config = TransformerFusionConfig

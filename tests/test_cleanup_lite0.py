@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxopt.graph import op_histogram
+from onnxopt.legacy_graph import op_histogram
 from onnxopt.pass_infra import PassManager
 from onnxopt.recipe import load_recipe
 

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxopt.model_io import load_model
+from onnxopt.model_io import load_model, to_proto
 from onnxopt.pass_infra import PassManager
 from onnxopt.recipe import load_preset
 
@@ -47,7 +47,7 @@ def run(model, feeds):
 
 
 def test_int8_dynamic_preset_on_minilm():
-    model = load_model(MODEL)
+    model = to_proto(load_model(MODEL))
     result = PassManager(load_preset("int8-dynamic").build_passes()).run(model)  # checked after every pass
     fusion, dynamic, embedding = (r.details for r in result.records)
     assert fusion["sdpa_attention"] == 6 and fusion["ort_fusions"]["SkipLayerNormalization"] == 12

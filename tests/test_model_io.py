@@ -31,7 +31,7 @@ def test_roundtrip_is_atomic_and_leaves_no_temp(tmp_path):
     out = save_model(_model(), tmp_path / "m.onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
     loaded = load_model(out)
-    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), np.arange(4, dtype=np.float32))
+    np.testing.assert_array_equal(loaded.graph.initializers["w"].const_value.numpy(), np.arange(4, dtype=np.float32))
 
 
 def test_save_refuses_overwrite_without_force(tmp_path):
@@ -41,7 +41,7 @@ def test_save_refuses_overwrite_without_force(tmp_path):
         save_model(_model(8), out)
     assert _sha(out) == before
     save_model(_model(8), out, force=True)
-    assert len(load_model(out).graph.initializer[0].raw_data) == 32
+    assert load_model(out).graph.initializers["w"].const_value.nbytes == 32
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -61,7 +61,7 @@ def test_external_data_above_threshold_roundtrips(tmp_path):
     assert model.SerializeToString() == original  # caller's proto untouched
     assert (tmp_path / "big.onnx.data").stat().st_size == 4000
     loaded = load_model(out)
-    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]),
+    np.testing.assert_array_equal(loaded.graph.initializers["w"].const_value.numpy(),
                                   np.arange(1000, dtype=np.float32))
 
 

@@ -3,6 +3,7 @@ from typing import Literal
 import numpy as np
 import onnx
 import pytest
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.errors import PassError, PreconditionError
@@ -41,8 +42,8 @@ class DropInitializers(Pass):
     Config = _DropConfig
 
     def call(self, model):
-        n = len(model.graph.initializer)
-        del model.graph.initializer[:]
+        n = len(model.graph.initializers)
+        model.graph.initializers.clear()
         return PassResult(model, n > 0, {"removed": n})
 
 
@@ -57,7 +58,7 @@ class BreakGraph(Pass):
     Config = _BreakConfig
 
     def call(self, model):
-        model.graph.node[1].input[0] = "nowhere"
+        model.graph.node(1).replace_input_with(0, ir.Value(name="nowhere"))
         return PassResult(model, True)
 
 
@@ -155,3 +156,79 @@ def test_later_passes_see_earlier_results_of_the_same_run_only():
     assert first.records[1].details == {"saw": {"removed": 1}}
     alone = PassManager([Reader()]).run(_model())
     assert alone.records[0].details == {"saw": None}
+
+
+class _AddBadNodeConfig(PassConfig):
+    type: Literal["add-bad-node"] = "add-bad-node"
+
+
+class AddBadNode(Pass):
+    """Adds a Relu with two inputs: only the schema check of the nodes a pass added can see it."""
+
+    name = "add-bad-node"
+    Config = _AddBadNodeConfig
+
+    def call(self, model):
+        g = model.graph
+        relu = g.node(1)
+        bad = ir.node("Relu", [relu.inputs[0], relu.inputs[0]])
+        g.insert_after(relu, bad)
+        return PassResult(model, True)
+
+
+def test_nodes_a_pass_adds_are_checked_against_their_schema():
+    with pytest.raises(PassError, match=r"pass 'add-bad-node'.*Relu takes 1..1 inputs, got 2"):
+        PassManager([AddBadNode()]).run(_model())
+
+
+class _ShapeBreakConfig(PassConfig):
+    type: Literal["shape-break"] = "shape-break"
+
+
+class ShapeBreak(Pass):
+    """A graph whose structure is fine but whose declared output shape contradicts inference."""
+
+    name = "shape-break"
+    Config = _ShapeBreakConfig
+
+    def call(self, model):
+        model.graph.outputs[0].shape = ir.Shape([7, 7])
+        return PassResult(model, True)
+
+
+def test_strict_mode_runs_the_full_check_after_every_pass(monkeypatch):
+    PassManager([ShapeBreak()]).run(_model())  # cheap checks only: caught later, when saving
+    with pytest.raises(PassError, match=r"pass 'shape-break'.*(differ|mismatch)"):
+        PassManager([ShapeBreak()], strict=True).run(_model())
+    monkeypatch.setenv("ONNXOPT_STRICT", "1")
+    with pytest.raises(PassError, match="shape-break"):
+        PassManager([ShapeBreak()]).run(_model())
+
+
+def test_ir_in_ir_out_and_the_callers_model_is_left_alone():
+    model = ir.serde.deserialize_model(_model())
+    result = PassManager([DropInitializers()]).run(model)
+    assert isinstance(result.model, ir.Model) and result.model is not model
+    assert len(model.graph.initializers) == 1 and len(result.model.graph.initializers) == 0
+    # tensors are shared with the caller's model, not copied
+    kept = PassManager([Noop()]).run(model).model
+    assert kept.graph.initializers["unused"].const_value is model.graph.initializers["unused"].const_value
+    in_place = PassManager([DropInitializers()]).run(model, copy=False)
+    assert in_place.model is model and len(model.graph.initializers) == 0
+
+
+class _ProtoConfig(PassConfig):
+    type: Literal["returns-proto"] = "returns-proto"
+
+
+class ReturnsProto(Pass):
+    name = "returns-proto"
+    Config = _ProtoConfig
+
+    def call(self, model):
+        return PassResult(ir.to_proto(model), False)
+
+
+def test_a_pass_must_return_the_ir():
+    with pytest.raises(PassError, match="returns-proto.*not an ir.Model"):
+        PassManager([ReturnsProto()]).run(_model())

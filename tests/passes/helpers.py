@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt.graph import op_histogram
+from onnxopt.legacy_graph import op_histogram
 from onnxopt.pass_infra import Pass, PassManager, PipelineResult
 
 F = TensorProto.FLOAT

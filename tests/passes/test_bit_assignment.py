@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from onnxopt.data import from_arrays
 from onnxopt.errors import PassError
-from onnxopt.graph import GraphIndex
+from onnxopt.legacy_graph import GraphIndex
 from onnxopt.mixed import BitAssignmentResult, fake_quantize
 from onnxopt.pass_infra import PassContext, PassManager
 from onnxopt.recipe import load_preset

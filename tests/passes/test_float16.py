@@ -169,9 +169,9 @@ def test_minilm_fp16_half_size_same_predictions():
     path = SHARED / "text" / "minilm_l6_sst2.onnx"
     if not path.exists():
         pytest.skip("../shared/models is absent")
-    from onnxopt.model_io import load_model
+    from onnxopt.model_io import load_model, to_proto
 
-    model = load_model(path)
+    model = to_proto(load_model(path))
     out = run(model, fp16())
     assert 0.49 < out.model.ByteSize() / path.stat().st_size < 0.51
     rng = np.random.default_rng(0)

@@ -4,7 +4,7 @@ from helpers import assert_idempotent, assert_same, init, make_model, ops, rand,
 from onnx import helper, numpy_helper
 from onnxopt.passes.fold_batchnorm import FoldBatchNorm
 
-from onnxopt.graph import attr
+from onnxopt.legacy_graph import attr
 
 node = helper.make_node
 TOL = {"rtol": 1e-5, "atol": 1e-5}

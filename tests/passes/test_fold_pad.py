@@ -4,7 +4,7 @@ from helpers import assert_idempotent, assert_same, init, make_model, ops, rand,
 from onnx import helper
 from onnxopt.passes.fold_pad import FoldPadIntoConv
 
-from onnxopt.graph import attr
+from onnxopt.legacy_graph import attr
 
 node = helper.make_node
 W = init("w", rand(4, 3, 3, 3, seed=1))

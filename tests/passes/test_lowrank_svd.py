@@ -8,7 +8,7 @@ from onnxopt.passes.lowrank_svd import ALLOC_FLOOR, LowRankSVD, LowRankSVDConfig
 
 from onnxopt.data import from_arrays
 from onnxopt.errors import PassError, PreconditionError, RecipeError
-from onnxopt.graph import attr
+from onnxopt.legacy_graph import attr
 from onnxopt.pass_infra import PassContext, PassManager
 from onnxopt.recipe import parse_recipe
 from onnxopt.registry import get_pass_class

@@ -6,7 +6,7 @@ from onnxopt.passes.lowrank_tucker import LowRankTucker, LowRankTuckerConfig, Lo
 
 from onnxopt.data import from_arrays
 from onnxopt.errors import PassError, RecipeError
-from onnxopt.graph import attr
+from onnxopt.legacy_graph import attr
 from onnxopt.pass_infra import PassContext
 from onnxopt.recipe import parse_recipe
 from onnxopt.registry import get_pass_class

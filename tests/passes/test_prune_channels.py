@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 from onnxopt.passes.prune_channels import PruneChannels, PruneChannelsConfig
 
 from onnxopt.data import from_arrays
-from onnxopt.graph import attr
+from onnxopt.legacy_graph import attr
 from onnxopt.pass_infra import PassContext
 
 node = helper.make_node

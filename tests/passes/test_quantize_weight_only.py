@@ -17,7 +17,7 @@ from tiny_transformer import tiny_transformer, token_feeds
 
 from onnxopt.data import from_arrays
 from onnxopt.errors import PassError, RecipeError
-from onnxopt.graph import attr, opset_version
+from onnxopt.legacy_graph import attr, opset_version
 from onnxopt.pass_infra import PassContext
 from onnxopt.recipe import load_preset, parse_recipe
 
@@ -270,9 +270,9 @@ def test_minilm_int4_rtn_size_and_agreement():
     path = SHARED / "text" / "minilm_l6_sst2.onnx"
     if not path.exists():
         pytest.skip("../shared/models is absent")
-    from onnxopt.model_io import load_model
+    from onnxopt.model_io import load_model, to_proto
 
-    model = load_model(path)
+    model = to_proto(load_model(path))
     cfg = next(p for p in load_preset("int4-weight-only").passes if p.type == "quantize-weight-only")
     out = run(model, QuantizeWeightOnly(cfg.model_copy(update={"clip_search": 0})))  # RTN, no search: fast
     ratio = out.model.ByteSize() / path.stat().st_size

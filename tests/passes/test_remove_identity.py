@@ -87,7 +87,7 @@ def test_identity_in_a_branch_body():
 
 
 def test_graph_index_removal_keeps_references_to_other_nodes_live():
-    from onnxopt.graph import GraphIndex
+    from onnxopt.legacy_graph import GraphIndex
 
     model = make_model([node("Relu", ["x"], ["a"]), node("Identity", ["a"], ["b"]), node("Neg", ["b"], ["y"])],
                        [vi("x", [2])], [vi("y", [2])])

@@ -6,7 +6,7 @@ from onnx import helper
 from onnxopt.passes.transformer_fusion import TransformerFusion, TransformerFusionConfig
 
 from onnxopt.errors import PassError
-from onnxopt.graph import attr
+from onnxopt.legacy_graph import attr
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 

@@ -11,7 +11,7 @@ from onnxopt.passes.quantize_qdq import QuantizeQDQ, QuantizeQDQConfig
 
 from onnxopt.checks import check_model
 from onnxopt.data import from_arrays
-from onnxopt.graph import GraphIndex
+from onnxopt.legacy_graph import GraphIndex
 from onnxopt.mixed import fake_quantize
 from onnxopt.pass_infra import PassContext
 from onnxopt.quant import dequantize, mse_clip_ratios, qrange, quantize, weight_params

@@ -282,11 +282,15 @@ def test_outside_file_is_never_opened(tmp_path, monkeypatch, case_id):
 
 
 def test_open_spy_sees_external_data_reads(tmp_path, monkeypatch):
-    """Control: a legitimate external-data file inside the folder is opened, and the spy sees it."""
+    """Control: a legitimate external-data file inside the folder is opened, and the spy sees it (``inspect``
+    reads no weight; writing the optimized model copies them)."""
     model = tiny()
     onnx.save_model(model, str(tmp_path / "ok.onnx"), save_as_external_data=True, location="ok.data",
                     size_threshold=0)
     spy = OpenSpy(monkeypatch)
     code, _, err = cli("inspect", tmp_path / "ok.onnx")
+    assert code == 0, err
+    assert (tmp_path / "ok.data").resolve() not in spy.opened
+    code, _, err = cli("optimize", tmp_path / "ok.onnx", "-o", tmp_path / "out" / "o.onnx", "-q")
     assert code == 0, err
     assert (tmp_path / "ok.data").resolve() in spy.opened

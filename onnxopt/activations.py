@@ -1,0 +1,233 @@
+"""Activations of a model on calibration data, and statistics streamed from them.
+
+The one place where data-aware passes (calibration, pruning, low-rank, statistics correction, error
+localization, accuracy recovery) run a model with intermediate values exposed: ``exposed`` makes a
+structural copy of the model whose outputs are the wanted values (weights shared, nothing copied),
+``activation_session`` hands it to ONNX Runtime (by path when the weights are large), and the statistics
+(``collect_grams``: per-layer input Gram matrices and means) are accumulated batch by batch, so memory
+does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxopt.errors import OnnxoptError
+from onnxopt.graph import ancestors, clone_model
+from onnxopt.model_io import as_ir
+from onnxopt.runtime import make_session, run_batch
+
+GRAM_CHUNK = 8192  # rows per float32 product before adding into the float64 Gram matrix
+
+
+def exposed(model: ir.Model | onnx.ModelProto, names: Iterable[str], *, keep_outputs: bool = True,
+            prune: bool = False) -> ir.Model:
+    """A structural copy of ``model`` (tensors shared) whose graph outputs also include the values ``names``.
+
+    ``keep_outputs=False``: the outputs are exactly ``names``. ``prune=True``: only the nodes those outputs
+    depend on are kept (a prefix of the model: cheaper to run when the values sit early in the graph).
+    Unknown names raise ``OnnxoptError``.
+    """
+    work = clone_model(as_ir(model))
+    graph = work.graph
+    by_name: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
+    by_name.update(graph.initializers)
+    for node in graph:
+        for out in node.outputs:
+            if out.name:
+                by_name[out.name] = out
+    wanted = list(dict.fromkeys(names))
+    missing = [n for n in wanted if n not in by_name]
+    if missing:
+        raise OnnxoptError(f"the model has no value(s) {', '.join(map(repr, missing[:5]))}")
+    outputs = list(graph.outputs) if keep_outputs else []
+    have = {id(v) for v in outputs}
+    for name in wanted:
+        v = by_name[name]
+        if id(v) not in have:
+            outputs.append(v)
+            have.add(id(v))
+    graph.outputs.clear()
+    graph.outputs.extend(outputs)
+    if prune:
+        live = ancestors(graph, outputs)
+        dead = [n for n in graph if n not in live]
+        for n in dead:  # detach first: a dead node may read another dead node's output
+            for i in range(len(n.inputs)):
+                n.replace_input_with(i, None)
+        graph.remove(dead)
+        used = {id(x) for n in graph for x in n.inputs if x is not None} | have
+        for name in [k for k, v in graph.initializers.items() if id(v) not in used and not v.is_graph_input()]:
+            del graph.initializers[name]
+    return work
+
+
+def activation_session(model: ir.Model | onnx.ModelProto, names: Iterable[str], *, opt_level: str = "basic",
+                       threads: int | None = None, what: str = "model", prune: bool = False):
+    """An ONNX Runtime session of ``model`` with ``names`` exposed as outputs (see ``exposed``)."""
+    return make_session(exposed(model, names, prune=prune), opt_level=opt_level, threads=threads, what=what)
+
+
+def limited_batches(source, batch_size: int, max_samples: int | None) -> Iterator[dict[str, np.ndarray]]:
+    """``source.batches(batch_size)``, stopping after ``max_samples`` samples (last batch cut)."""
+    left = max_samples
+    for batch in source.batches(batch_size):
+        n = next(iter(batch.values())).shape[0]
+        if left is not None:
+            if left <= 0:
+                return
+            if n > left:
+                batch = {k: v[:left] for k, v in batch.items()}
+                n = left
+            left -= n
+        yield batch
+
+
+def stream_activations(model: ir.Model | onnx.ModelProto, source, names: list[str], *, batch_size: int,
+                       max_samples: int | None = None, opt_level: str = "basic", what: str = "model",
+                       prune: bool = False) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Run ``model`` over ``source`` and yield (batch, {name: value}) per batch; graph inputs among ``names``
+    come from the batch itself. Nothing is kept between batches."""
+    model = as_ir(model)
+    graph_inputs = {i.name for i in model.graph.inputs}
+    fetch = [n for n in dict.fromkeys(names) if n not in graph_inputs]
+    session = activation_session(model, fetch, opt_level=opt_level, what=what, prune=prune) if fetch else None
+    feed_names = {i.name for i in session.get_inputs()} if session is not None else set()
+    done = 0
+    for batch in limited_batches(source, batch_size, max_samples):
+        feed = {k: v for k, v in batch.items() if k in feed_names}
+        values = run_batch(session, feed, fetch, first_sample=done) if session is not None else {}
+        for n in names:
+            if n in graph_inputs:
+                values[n] = batch[n]
+        done += next(iter(batch.values())).shape[0]
+        yield batch, values
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming Gram matrices of layer inputs
+# --------------------------------------------------------------------------------------------
+def single_threaded_blas():
+    """A context limiting BLAS/LAPACK to one thread when ``threadpoolctl`` is installed (else a no-op).
+
+    The eigenproblems here are small (at most a few thousand); multi-threaded LAPACK gains little on
+    them and loses up to 10x on a busy machine, where OpenBLAS threads spin waiting for a core."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext()
+    return threadpool_limits(1)
+
+
+@dataclass
+class GramRequest:
+    """Accumulate ``R^T R`` over the rows ``R = rows(x)`` of activation ``tensor``."""
+
+    tensor: str
+    dim: int
+    rows: Any  # callable: np.ndarray -> 2-D array [n, dim]
+
+
+@dataclass
+class InputStats:
+    """First and second moments of a layer's input rows: ``gram = E[x^T x]`` (K x K), ``mean = E[x]``."""
+
+    gram: np.ndarray
+    mean: np.ndarray
+    rows: int
+    # squared Frobenius variance of ``gram`` as an estimate (Ledoit-Wolf's beta^2), from the spread of the
+    # per-batch Gram matrices: rows of one sample (tokens, pixels) are not independent, batches are
+    noise: float = 0.0
+
+    @property
+    def covariance(self) -> np.ndarray:
+        return self.gram - np.outer(self.mean, self.mean)
+
+    def shrinkage(self, c: np.ndarray) -> float:
+        """Ledoit-Wolf intensity for ``c`` (the Gram or covariance estimated here): how far to pull it towards
+        a multiple of the identity, given how much it varies between calibration batches (0: not at all)."""
+        p = len(c)
+        m = float(np.trace(c)) / p
+        d2 = float(np.sum(c * c)) - 2 * m * float(np.trace(c)) + m * m * p  # ||C - m I||_F^2
+        if d2 <= 0:
+            return 0.0
+        return min(self.noise, d2) / d2
+
+
+def collect_grams(model: ir.Model | onnx.ModelProto, source, requests: dict[Any, GramRequest], *, batch_size: int,
+                  max_samples: int | None, progress, what: str) -> tuple[dict[Any, InputStats], int]:
+    """Run ``model`` over ``source`` once; return ({key: InputStats}, samples). Activations are dropped
+    after each batch; only the float64 moments are kept."""
+    model = as_ir(model)
+    graph_inputs = {i.name for i in model.graph.inputs}
+    tensors = list(dict.fromkeys(r.tensor for r in requests.values()))
+    fetch = [t for t in tensors if t not in graph_inputs]
+    session = activation_session(model, fetch, opt_level="basic", what=f"model ({what} calibration)")
+    feed_names = {i.name for i in session.get_inputs()}
+    grams = {k: np.zeros((r.dim, r.dim)) for k, r in requests.items()}
+    sums = {k: np.zeros(r.dim) for k, r in requests.items()}
+    # for the estimation noise: sum over batches of ||S_b||^2 and n_b S_b and n_b^2 (S_b: batch Gram sum);
+    # a single batch falls back to single rows as the observations (sum of ||x||^4)
+    sq = dict.fromkeys(requests, 0.0)
+    weighted = {k: np.zeros((r.dim, r.dim)) for k, r in requests.items()}
+    n2 = dict.fromkeys(requests, 0.0)
+    fourth = dict.fromkeys(requests, 0.0)
+    counts = dict.fromkeys(requests, 0)
+
+    def accumulate(key, x):
+        rows = requests[key].rows(x)
+        if rows.shape[1] != requests[key].dim:
+            raise OnnxoptError(f"{what}: activation {requests[key].tensor!r} has {rows.shape[1]} features, "
+                               f"expected {requests[key].dim}")
+        # one batch in float32 (float64 if that is the activations' type), the running sum in float64
+        rows = np.ascontiguousarray(rows, dtype=np.float64 if rows.dtype == np.float64 else np.float32)
+        batch = np.zeros_like(grams[key])
+        for start in range(0, rows.shape[0], GRAM_CHUNK):
+            part = rows[start:start + GRAM_CHUNK]
+            batch += part.T @ part
+        n = rows.shape[0]
+        grams[key] += batch
+        sq[key] += float(np.sum(batch * batch))
+        weighted[key] += n * batch
+        n2[key] += float(n) * n
+        sums[key] += rows.sum(axis=0, dtype=np.float64)
+        fourth[key] += float(np.sum(np.square(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))))
+        counts[key] += n
+
+    done = 0
+    total = len(source) if max_samples is None else min(len(source), max_samples)
+    with single_threaded_blas(), ThreadPoolExecutor(2) as pool, \
+            progress.task(f"{what}: input statistics", total) as bar:
+        for batch in limited_batches(source, batch_size, max_samples):
+            feed = {k: v for k, v in batch.items() if k in feed_names}
+            values = run_batch(session, feed, fetch, first_sample=done) if fetch else {}
+            for t in tensors:
+                if t in graph_inputs:
+                    values[t] = batch[t]
+            jobs = [pool.submit(accumulate, key, values[r.tensor]) for key, r in requests.items()]
+            for j in jobs:
+                j.result()
+            n = next(iter(batch.values())).shape[0]
+            done += n
+            bar.update(n)
+            del values, feed, batch
+    if done == 0:
+        raise OnnxoptError(f"{what}: no calibration samples in {source.description}")
+    out = {}
+    for k, g in grams.items():
+        n = max(counts[k], 1)
+        gram = g / n
+        if n2[k] < float(n) * n:  # several batches: Var(G) ~ sum_b (n_b/n)^2 ||G_b - G||^2
+            noise = (sq[k] - 2 * float(np.sum(weighted[k] * gram)) + n2[k] * float(np.sum(gram * gram))) / (n * n)
+        else:  # one batch: its rows as the observations
+            noise = (fourth[k] / n - float(np.sum(gram * gram))) / n
+        out[k] = InputStats(gram, sums[k] / n, counts[k], max(noise, 0.0))
+    return out, done
