@@ -70,6 +70,80 @@ def exposed(model: ir.Model | onnx.ModelProto, names: Iterable[str], *, keep_out
     return work
 
 
+FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
+                         "Multinomial"})
+
+
+def value_types(model: ir.Model | onnx.ModelProto) -> dict[str, ir.DataType]:
+    """Element type of every value of the main graph whose type is known: declared, else from (non-strict)
+    shape inference on the skeleton."""
+    from onnxopt.checks import infer
+
+    model = as_ir(model)
+    g = model.graph
+    out: dict[str, ir.DataType] = {}
+    for v in [*g.inputs, *g.outputs, *(o for n in g for o in n.outputs)]:
+        if v.name and v.dtype is not None and v.dtype != ir.DataType.UNDEFINED:
+            out.setdefault(v.name, v.dtype)
+    try:
+        inferred = infer(model, strict=False).graph
+    except Exception:  # noqa: BLE001 - inference is a help here, not a requirement
+        return out
+    for vi in [*inferred.input, *inferred.output, *inferred.value_info]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            out.setdefault(vi.name, ir.DataType(vi.type.tensor_type.elem_type))
+    return out
+
+
+def constant_values(graph: ir.Graph) -> set[str]:
+    """Names of initializers and of everything computed from them alone (Constant nodes, shape arithmetic
+    on constants): values that are the same for every input."""
+    const = {name for name, v in graph.initializers.items() if not v.is_graph_input()}
+    for node in graph:
+        if node.op_type in _RANDOM_OPS or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                                              for a in node.attributes.values()):
+            continue
+        inputs = [x for x in node.inputs if x is not None]
+        if (not inputs and node.op_type == "Constant") or (inputs and all(x.name in const for x in inputs)):
+            const.update(o.name for o in node.outputs if o.name)
+    return const
+
+
+def select_tensors(model: ir.Model | onnx.ModelProto, names: list[str] | None = None,
+                   what: str = "calibrate") -> list[str]:
+    """Activations to observe, in graph order: the float graph inputs and float node outputs that are not
+    constants (``names=None``), or ``names`` after checking each is an input or a node output.
+
+    Values whose type is unknown even after shape inference are included; callers drop those that turn
+    out not to be float when the model runs.
+    """
+    model = as_ir(model)
+    g = model.graph
+    produced = [o.name for n in g for o in n.outputs if o.name]
+    inputs = [i.name for i in g.inputs if not i.is_initializer()]
+    if names is not None:
+        known = set(inputs) | set(produced)
+        for name in names:
+            if name in g.initializers:
+                raise OnnxoptError(f"{what}: tensor {name!r} is an initializer (a constant), not an activation")
+            if name not in known:
+                import difflib
+
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise OnnxoptError(f"{what}: no tensor {name!r} in the model{hint}")
+        return list(dict.fromkeys(names))
+    types = value_types(model)
+    const = constant_values(g)
+    seen: dict[str, None] = {}
+    for name in inputs + produced:
+        t = types.get(name)
+        if name not in const and (t is None or t in FLOAT_TYPES):
+            seen.setdefault(name)
+    return list(seen)
+
+
 def activation_session(model: ir.Model | onnx.ModelProto, names: Iterable[str], *, opt_level: str = "basic",
                        threads: int | None = None, what: str = "model", prune: bool = False):
     """An ONNX Runtime session of ``model`` with ``names`` exposed as outputs (see ``exposed``)."""

@@ -10,12 +10,21 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
-from onnxopt.legacy_graph import GraphIndex, attr, drop_initializers, drop_value_info, set_attr
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
+from onnxopt.graph import (
+    Namer,
+    attr,
+    bypass,
+    constant_value,
+    drop_unused_initializers,
+    is_op,
+    only_use,
+    own_initializer,
+    set_attr,
+)
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 BIAS = 2  # position of the bias (Conv, ConvTranspose) or C (Gemm) input
 
@@ -24,7 +33,7 @@ class FoldBatchNormConfig(PassConfig):
     type: Literal["fold-batchnorm"] = "fold-batchnorm"
 
 
-def _folded_weights(op: onnx.NodeProto, w: np.ndarray, bias: np.ndarray | None, s: np.ndarray,
+def _folded_weights(op: ir.Node, w: np.ndarray, bias: np.ndarray | None, s: np.ndarray,
                     shift: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """New (weight, bias) so that op'(x) == s * op(x) + shift per channel, or None if shapes disagree."""
     c = s.shape[0]
@@ -48,44 +57,40 @@ def _folded_weights(op: onnx.NodeProto, w: np.ndarray, bias: np.ndarray | None, 
     return w, bias
 
 
-class FoldBatchNorm(ProtoPass):
+class FoldBatchNorm(Pass):
     name = "fold-batchnorm"
     summary = "Fold inference BatchNormalization into the preceding Conv/ConvTranspose/Gemm weights."
     Config = FoldBatchNormConfig
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         g, folded = model.graph, 0
+        namer = Namer(g)
         while True:  # BN -> BN chains fold one link per round
-            index = GraphIndex(g)
-            pairs = [(bn.output[0], bn.input[0]) for bn in list(g.node) if self._fold(index, bn)]
-            if not pairs:
+            done = [bn for bn in list(g) if self._fold(g, bn, namer)]
+            if not done:
                 break
-            orphans = set()
-            for out, kept in pairs:
-                bn = index.producer(out)
-                orphans.update(bn.input[1:])
-                index.bypass(bn, kept)
-            drop_initializers(g, orphans)
-            drop_value_info(g, candidates={name for pair in pairs for name in pair})
-            folded += len(pairs)
+            folded += len(done)
+        if folded:
+            drop_unused_initializers(g)
         return PassResult(model, folded > 0, {"folded": folded})
 
-    def _fold(self, index: GraphIndex, bn: onnx.NodeProto) -> bool:
-        if bn.op_type != "BatchNormalization" or bn.domain not in DEFAULT_DOMAINS or len(bn.input) != 5:
+    def _fold(self, g: ir.Graph, bn: ir.Node, namer: Namer) -> bool:
+        if not is_op(bn, "BatchNormalization") or len(bn.inputs) != 5 or bn.graph is not g:
             return False
-        if any(bn.output[1:]) or attr(bn, "training_mode", 0) or attr(bn, "spatial", 1) != 1:
+        if len(bn.outputs) > 1 and any(o.uses() or o.is_graph_output() for o in bn.outputs[1:]):
             return False
-        op = index.producer(bn.input[0])
-        if op is None or op.op_type not in PRODUCERS or op.domain not in DEFAULT_DOMAINS:
+        if attr(bn, "training_mode", 0) or attr(bn, "spatial", 1) != 1:
             return False
-        if index.only_use(bn.input[0]) is not bn or op.output[0] != bn.input[0]:
+        y = bn.inputs[0]
+        op = y.producer() if y is not None else None
+        if not is_op(op, PRODUCERS) or op.outputs[0] is not y or only_use(y) is not bn:
             return False
-        params = [index.constant(x) for x in bn.input[1:]]
+        params = [constant_value(x) for x in bn.inputs[1:]]
         if any(p is None or p.ndim != 1 for p in params) or len({p.shape for p in params}) != 1:
             return False
-        w = index.constant(op.input[1])
-        has_bias = len(op.input) > BIAS and op.input[BIAS]
-        bias = index.constant(op.input[BIAS]) if has_bias else None
+        w = constant_value(op.inputs[1])
+        has_bias = len(op.inputs) > BIAS and op.inputs[BIAS] is not None
+        bias = constant_value(op.inputs[BIAS]) if has_bias else None
         if w is None or w.dtype.kind != "f" or (has_bias and bias is None):
             return False
         scale, offset, mean, var = (p.astype(np.float64) for p in params)
@@ -94,27 +99,11 @@ class FoldBatchNorm(ProtoPass):
                               s, offset - mean * s)
         if new is None:
             return False
-        self._write(index, op, 1, new[0].astype(w.dtype))
-        self._write(index, op, BIAS, new[1].astype(w.dtype))
+        if not bypass(bn, y):
+            return False
+        own_initializer(g, op, 1, new[0].astype(w.dtype), namer)
+        own_initializer(g, op, BIAS, new[1].astype(w.dtype), namer,
+                        base_name=None if has_bias else f"{op.outputs[0].name}_bias")
         if op.op_type == "Gemm":
             set_attr(op, "beta", 1.0)
         return True
-
-    @staticmethod
-    def _write(index: GraphIndex, op: onnx.NodeProto, pos: int, value: np.ndarray) -> None:
-        """Give ``op`` input ``pos`` the value, in place only when nothing else reads the old one."""
-        old = op.input[pos] if pos < len(op.input) else ""
-        if (old and old in index.initializers and old not in index.graph_inputs
-                and not index.is_output(old) and all(u is op for u in index.uses(old))
-                and list(op.input).count(old) == 1):
-            index.set_initializer(old, value)
-            return
-        new = index.add_initializer(value, old or f"{op.output[0]}_bias")
-        if old:
-            index.replace_input(op, old, new)
-            return
-        if pos < len(op.input):
-            op.input[pos] = new
-        else:
-            op.input.append(new)
-        index.consumers[new].append(op)
