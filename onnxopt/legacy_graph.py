@@ -385,3 +385,23 @@ def eliminate(graph: onnx.GraphProto, outer: set[str] = frozenset()) -> Counter:
     return counts
 
 
+
+
+def write_input_value(index: GraphIndex, op: onnx.NodeProto, pos: int, value: np.ndarray) -> None:
+    """Give ``op`` input ``pos`` the value, in place only when nothing else reads the old one (was
+    FoldBatchNorm._write)."""
+    old = op.input[pos] if pos < len(op.input) else ""
+    if (old and old in index.initializers and old not in index.graph_inputs
+            and not index.is_output(old) and all(u is op for u in index.uses(old))
+            and list(op.input).count(old) == 1):
+        index.set_initializer(old, value)
+        return
+    new = index.add_initializer(value, old or f"{op.output[0]}_bias")
+    if old:
+        index.replace_input(op, old, new)
+        return
+    if pos < len(op.input):
+        op.input[pos] = new
+    else:
+        op.input.append(new)
+    index.consumers[new].append(op)

@@ -47,15 +47,21 @@ import onnx
 from pydantic import Field, NonNegativeFloat, PositiveInt
 
 from onnxopt.errors import PreconditionError
-from onnxopt.legacy_graph import GraphIndex, attr, initializer_bytes, parameter_count, set_attr, tensor_bytes
+from onnxopt.legacy_graph import (
+    GraphIndex,
+    attr,
+    initializer_bytes,
+    parameter_count,
+    set_attr,
+    tensor_bytes,
+    write_input_value,
+)
 from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
 from onnxopt.stat_correction import (
     StatisticsCorrectionOptions,
     correct_channel_statistics,
     correction_details,
 )
-
-from .fold_batchnorm import FoldBatchNorm
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 UNARY = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh", "Elu", "Selu", "Softplus",
@@ -730,7 +736,7 @@ class PruneChannels(ProtoPass):
 
     # ---------------------------------------------------------------------------------------
     def _rewrite(self, index, sources, sinks, reshapes, flows, mask_of, stats, refit) -> dict[str, dict[str, float]]:
-        write = FoldBatchNorm._write
+        write = write_input_value
         g = index.graph
         refits: dict[str, dict[str, float]] = {}
         sink_by_node = {id(s.node): s for s in sinks}
@@ -903,7 +909,7 @@ class PruneChannels(ProtoPass):
 
     @staticmethod
     def _write_sink(index, node, wk: np.ndarray, bias: np.ndarray) -> None:
-        write = FoldBatchNorm._write
+        write = write_input_value
         dtype = index.constant(node.input[1]).dtype
         if node.op_type == "Conv":
             write(index, node, 1, wk.reshape(wk.shape + (1, 1)).astype(dtype))
