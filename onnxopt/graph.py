@@ -151,7 +151,7 @@ def add_initializer(graph: ir.Graph, array: np.ndarray | ir.TensorProtocol, base
                     namer: Namer | None = None) -> ir.Value:
     """A new initializer value with a unique name derived from ``base_name``."""
     name = (namer or Namer(graph)).unique(base_name)
-    tensor = array if isinstance(array, ir.TensorProtocol) else make_tensor(array, name)
+    tensor = make_tensor(array, name) if isinstance(array, np.ndarray | np.generic) else array
     tensor.name = name
     value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
                      const_value=tensor)
@@ -161,7 +161,7 @@ def add_initializer(graph: ir.Graph, array: np.ndarray | ir.TensorProtocol, base
 
 def set_constant(value: ir.Value, array: np.ndarray | ir.TensorProtocol) -> None:
     """Give an initializer a new tensor (the old one is never written to); type and shape follow."""
-    tensor = array if isinstance(array, ir.TensorProtocol) else make_tensor(array)
+    tensor = make_tensor(array) if isinstance(array, np.ndarray | np.generic) else array
     tensor.name = value.name
     release(value)
     value.const_value = tensor
@@ -321,10 +321,12 @@ def captured_values(node: ir.Node) -> list[ir.Value]:
     return found
 
 
-def drop_unused_initializers(graph: ir.Graph) -> int:
-    """Remove initializers nothing reads (graph inputs and outputs stay)."""
+def drop_unused_initializers(graph: ir.Graph, candidates: Iterable[str] | None = None) -> int:
+    """Remove initializers nothing reads (only among ``candidates`` if given; graph inputs and outputs stay)."""
+    allowed = None if candidates is None else set(candidates)
     doomed = [name for name, v in graph.initializers.items()
-              if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]
+              if not v.uses() and not v.is_graph_output() and not v.is_graph_input()
+              and (allowed is None or name in allowed)]
     for name in doomed:
         release(graph.initializers[name])
         del graph.initializers[name]

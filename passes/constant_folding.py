@@ -16,26 +16,28 @@ from typing import Literal
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import helper
 from pydantic import Field
 
+from onnxopt.checks import infer
 from onnxopt.errors import PreconditionError
-from onnxopt.legacy_graph import (
-    GraphIndex,
+from onnxopt.graph import (
+    DEFAULT_DOMAINS,
+    Namer,
+    add_initializer,
+    ancestors,
     attr,
-    dead_nodes,
-    defined_names,
-    delete_nodes,
-    drop_initializers,
-    drop_value_info,
+    constant_tensor,
+    is_initializer,
+    is_op,
     opset_version,
-    read_names,
     subgraphs,
+    tensor_bytes,
 )
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                               "Multinomial", "Bernoulli", "Dropout"})
 # Outputs can be far larger than inputs: fold only once inference knows how large.
@@ -44,10 +46,12 @@ GROWING = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Up
 INT_TYPES = frozenset({onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16,
                        onnx.TensorProto.INT8, onnx.TensorProto.UINT64, onnx.TensorProto.UINT32,
                        onnx.TensorProto.UINT16, onnx.TensorProto.UINT8})
-# Initializers up to this many elements stay in the copy used for shape inference (data propagation
-# reads small ones); bigger ones become typed inputs so inference does not serialize the weights.
+# Constants up to this many elements are read as shape arithmetic (indices, axes, starts...).
 SMALL_ELEMENTS = 1024
 MAX_ROUNDS = 8
+# A folding plan whose constant inputs exceed this many bytes runs node by node, so that large weights
+# (a transposed or scaled weight) are held one at a time, not all at once.
+PLAN_FEED_BYTES = 64 << 20
 
 
 class ConstantFoldingConfig(PassConfig):
@@ -64,29 +68,19 @@ class Sym:
     key: tuple
 
 
-def infer_value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    """Inferred types of the main graph's values (empty if inference fails)."""
-    g = model.graph
-    light = onnx.GraphProto(name=g.name)
-    light.node.extend(g.node)
-    light.input.extend(g.input)
-    light.output.extend(g.output)
-    light.value_info.extend(g.value_info)
-    declared = {i.name for i in g.input}
-    for t in g.initializer:
-        if math.prod(t.dims) <= SMALL_ELEMENTS and t.data_location != onnx.TensorProto.EXTERNAL:
-            light.initializer.append(t)
-        elif t.name not in declared:
-            light.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    probe = helper.make_model(light, opset_imports=list(model.opset_import), functions=list(model.functions))
-    probe.ir_version = model.ir_version
+def infer_value_types(model: ir.Model) -> dict[str, onnx.TypeProto]:
+    """Inferred types of the main graph's values (empty if inference fails), from shape inference on the
+    weight-less skeleton (small constants keep their values for data propagation)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True).graph
+        inferred = infer(model, strict=False, data_prop=True).graph
+        infos = list(inferred.input) + list(inferred.output) + list(inferred.value_info)
     except Exception:  # noqa: BLE001 - folding still works without shapes, just less of it
-        inferred = light
-    types = {v.name: v.type for v in list(inferred.input) + list(inferred.output) + list(inferred.value_info)}
-    for t in g.initializer:
-        types.setdefault(t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims)))
+        infos = []
+    types = {v.name: v.type for v in infos}
+    for name, v in model.graph.initializers.items():
+        t = v.const_value
+        if t is not None:
+            types.setdefault(name, helper.make_tensor_type_proto(int(t.dtype), list(t.shape.numpy())))
     return types
 
 
@@ -98,37 +92,34 @@ def _itemsize(elem_type: int) -> int | None:
     return None if dtype == np.dtype(object) else dtype.itemsize
 
 
-def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    """The value of a ``Constant`` node as an initializer named after its output."""
-    if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS or len(node.attribute) != 1:
-        return None
-    a = node.attribute[0]
-    if a.name == "value":
-        t = onnx.TensorProto()
-        t.CopyFrom(a.t)
-        t.name = node.output[0]
-        return t
-    arrays = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
-              "value_ints": np.int64, "value_string": object, "value_strings": object}
-    if a.name not in arrays:
-        return None  # sparse_value: densifying could blow the model up
-    return numpy_helper.from_array(np.array(helper.get_attribute_value(a), dtype=arrays[a.name]), node.output[0])
+def _is_constant_node(node: ir.Node) -> bool:
+    """A ``Constant`` node whose value becomes an initializer (sparse values stay: densifying could blow the
+    model up)."""
+    if not is_op(node, "Constant") or len(node.attributes) != 1:
+        return False
+    name = next(iter(node.attributes))
+    return name in ("value_string", "value_strings") or (name != "sparse_value"
+                                                        and constant_tensor(node.outputs[0]) is not None)
 
 
-def _session_model(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
-                   feeds: list[onnx.TensorProto]) -> tuple[onnx.ModelProto, list[str]]:
-    outputs = [o for n in nodes for o in n.output if o]
-    graph = helper.make_graph(nodes, "fold", [], [helper.make_empty_tensor_value_info(o) for o in outputs],
-                              initializer=feeds)
-    sub = helper.make_model(graph, opset_imports=list(model.opset_import))
+def _constant_node_tensor(node: ir.Node) -> ir.TensorProtocol:
+    a = next(iter(node.attributes.values()))
+    if a.name == "value_string":
+        return ir.StringTensor([a.value.encode()], shape=ir.Shape([]))
+    if a.name == "value_strings":
+        return ir.StringTensor([v.encode() for v in a.value], shape=ir.Shape([len(a.value)]))
+    return constant_tensor(node.outputs[0])
+
+
+def evaluate(model: ir.Model, nodes: list[ir.Node], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run ``nodes`` (of ``model``) on the constant ``feeds`` with ONNX Runtime (onnx.reference if ORT cannot),
+    as a model of their own: only these nodes and their inputs are serialized."""
+    outputs = [o.name for n in nodes for o in n.outputs if o.name]
+    graph = helper.make_graph([ir.serde.serialize_node(n) for n in nodes], "fold", [],
+                              [helper.make_empty_tensor_value_info(o) for o in outputs],
+                              initializer=[onnx.numpy_helper.from_array(v, k) for k, v in feeds.items()])
+    sub = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in model.opset_imports.items()])
     sub.ir_version = model.ir_version
-    return sub, outputs
-
-
-def evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
-             feeds: list[onnx.TensorProto]) -> dict[str, np.ndarray]:
-    """Run ``nodes`` on constant ``feeds`` with ONNX Runtime (onnx.reference if ORT cannot)."""
-    sub, outputs = _session_model(model, nodes, feeds)
     try:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -143,55 +134,98 @@ def evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
     return {name: v for name, v in zip(outputs, values, strict=True) if isinstance(v, np.ndarray)}
 
 
-class ConstantFolding(ProtoPass):
+def _replace_with_initializer(graph: ir.Graph, old: ir.Value, tensor: ir.TensorProtocol, namer: Namer) -> ir.Value:
+    """Make ``old`` (a node output) an initializer holding ``tensor``: readers and graph outputs switch to the
+    new value, which takes ``old``'s name once ``old`` is gone with its node."""
+    new = add_initializer(graph, tensor, namer.unique(f"{old.name}__folded"))
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    return new
+
+
+def _live_output_names(graph: ir.Graph) -> set[str]:
+    live = ancestors(graph, graph.outputs)
+    return {o.name for n in graph if n in live for o in n.outputs}
+
+
+class ConstantFolding(Pass):
     name = "constant-folding"
     summary = "Precompute nodes with constant inputs and static shape arithmetic; Constant nodes become initializers."
     Config = ConstantFoldingConfig
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         stats: Counter = Counter()
         if model.ir_version < 4:  # initializers are graph inputs there, so nothing is constant
             return PassResult(model, False, {"skipped": "ir_version < 4"})
         g = model.graph
-        dead_before = {tuple(n.output) for n in dead_nodes(g)}
-        read_before, defined_before = read_names(g), defined_names(g)
+        self.namer = Namer(g)
+        self.renames: list[tuple[ir.Value, str]] = []
+        live_before = _live_output_names(g)
+        read_before = {x.name for n in g for x in n.inputs if x is not None} | {o.name for o in g.outputs}
         stats["constants"] = self._constants_to_initializers(g)
         for _ in range(MAX_ROUNDS):
             if not self._round(model, stats):
                 break
         # Clear what folding orphaned (the Shape chain of a rewritten Reshape, replaced weights).
-        stats["removed"] = delete_nodes(g, [n for n in dead_nodes(g) if tuple(n.output) not in dead_before])
-        stats["removed"] += drop_initializers(g, read_before)
-        drop_value_info(g, candidates=defined_before)
+        live = ancestors(g, g.outputs)
+        orphaned = [n for n in g if n not in live and any(o.name in live_before for o in n.outputs)]
+        if orphaned:
+            g.remove(orphaned, safe=True)
+        stats["removed"] = len(orphaned)
+        for name in [k for k, v in g.initializers.items()
+                     if k in read_before and not v.uses() and not v.is_graph_input() and not v.is_graph_output()]:
+            del g.initializers[name]
+            stats["removed"] += 1
+        for value, name in self.renames:  # the folded values take their original names back
+            if value.name in g.initializers:
+                del g.initializers[value.name]
+                value.name = name
+                g.register_initializer(value)
         details = {k: stats[k] for k in ("constants", "folded", "shape_folded", "reshapes", "removed")}
         return PassResult(model, any(details.values()), details)
 
-    def ensures(self, model: onnx.ModelProto) -> None:
-        left = [n.output[0] for n in model.graph.node if _constant_tensor(n) is not None]
+    def ensures(self, model: ir.Model) -> None:
+        left = [n.outputs[0].name for n in model.graph if _is_constant_node(n)]
         if left:
             raise PreconditionError(f"Constant nodes left after constant folding: {left[:3]}")
 
-    @staticmethod
-    def _constants_to_initializers(graph: onnx.GraphProto) -> int:
+    def _constants_to_initializers(self, graph: ir.Graph) -> int:
         doomed = []
-        for node in graph.node:
-            tensor = _constant_tensor(node)
-            if tensor is not None:
-                graph.initializer.append(tensor)
+        for node in graph:
+            if _is_constant_node(node):
+                out = node.outputs[0]
+                new = _replace_with_initializer(graph, out, _constant_node_tensor(node), self.namer)
+                self.renames.append((new, out.name))
                 doomed.append(node)
-        return delete_nodes(graph, doomed)
+        if doomed:
+            graph.remove(doomed, safe=True)
+        self._apply_renames(graph)
+        return len(doomed)
+
+    def _apply_renames(self, graph: ir.Graph) -> None:
+        for value, name in self.renames:
+            if value.name != name and value.name in graph.initializers:
+                del graph.initializers[value.name]
+                value.name = name
+                graph.register_initializer(value)
+        self.renames = []
 
     # --- one round: numeric folding, then symbolic shapes, then rewrite -------------------
-    def _round(self, model: onnx.ModelProto, stats: Counter) -> bool:
+    def _round(self, model: ir.Model, stats: Counter) -> bool:
         g = model.graph
-        self.index = GraphIndex(g)
+        self.model = model
+        self.by_name: dict[str, ir.Value] = {v.name: v for v in g.inputs}
+        self.by_name.update(g.initializers)
+        for n in g:
+            for o in n.outputs:
+                if o.name:
+                    self.by_name[o.name] = o
         self.types = infer_value_types(model)
         self.opset = opset_version(model)
-        nodes = list(g.node)
+        nodes = list(g)
         values = self._fold_numeric(model, nodes)
-        folded = {i for i, n in enumerate(nodes) if all(o in values for o in n.output if o) and n.output}
+        folded = {i for i, n in enumerate(nodes) if n.outputs and all(o.name in values for o in n.outputs if o.name)}
         stats["folded"] += len(folded)
-        reshapes: list[tuple[onnx.NodeProto, np.ndarray]] = []
+        reshapes: list[tuple[ir.Node, np.ndarray]] = []
         if self.config.fold_shapes:
             shape_folded = self._fold_symbolic(nodes, folded, values, reshapes)
             stats["shape_folded"] += len(shape_folded)
@@ -200,19 +234,24 @@ class ConstantFolding(ProtoPass):
         if not folded and not reshapes:
             return False
         doomed = [nodes[i] for i in folded]
-        doomed_ids = {id(n) for n in doomed}
+        doomed_set = set(doomed)
         for node in doomed:
-            for out in node.output:
-                needed = self.index.is_output(out) or any(id(u) not in doomed_ids for u in self.index.uses(out))
-                if out and needed:
-                    g.initializer.append(numpy_helper.from_array(values[out], out))
+            for out in node.outputs:
+                needed = out.is_graph_output() or any(u.node not in doomed_set for u in out.uses())
+                if out.name and needed:
+                    new = _replace_with_initializer(g, out, ir.tensor(values[out.name]), self.namer)
+                    self.renames.append((new, out.name))
         for node, shape in reshapes:
-            node.input[1] = self.index.add_initializer(shape, f"{node.output[0]}_shape")
-        delete_nodes(g, doomed)
+            node.replace_input_with(1, add_initializer(g, shape, f"{node.outputs[0].name}_shape", self.namer))
+        g.remove(doomed, safe=True)
+        self._apply_renames(g)
         return True
 
+    def _names(self, node: ir.Node) -> list[str]:
+        return [x.name if x is not None else "" for x in node.inputs]
+
     def _is_constant(self, name: str) -> bool:
-        return name in self.index.initializers and name not in self.index.graph_inputs
+        return is_initializer(self.by_name.get(name))
 
     def _bytes(self, name: str) -> int | None:
         t = self.types.get(name)
@@ -224,31 +263,31 @@ class ConstantFolding(ProtoPass):
         size = _itemsize(t.tensor_type.elem_type)
         return None if size is None else size * math.prod(d.dim_value for d in dims)
 
-    def _can_fold(self, node: onnx.NodeProto) -> bool:
+    def _can_fold(self, node: ir.Node) -> bool:
         if node.domain not in DEFAULT_DOMAINS or node.op_type in NONDETERMINISTIC or node.op_type == "Constant":
             return False
-        if any(True for _ in subgraphs(node)) or any(a.ref_attr_name for a in node.attribute):
+        if any(True for _ in subgraphs(node)) or any(a.is_ref() for a in node.attributes.values()):
             return False
-        outputs = [self.types.get(o) for o in node.output if o]
+        outputs = [self.types.get(o.name) for o in node.outputs if o.name]
         return bool(outputs) and all(t is None or t.HasField("tensor_type") for t in outputs)
 
-    def _affordable(self, node: onnx.NodeProto, out_bytes: int, sizes: dict[str, int | None]) -> bool:
+    def _affordable(self, node: ir.Node, out_bytes: int, sizes: dict[str, int | None]) -> bool:
         if out_bytes <= self.config.max_output_bytes:
             return True
         freed = 0
-        for name in {x for x in node.input if x}:
-            if not self.index.is_output(name) and all(u is node for u in self.index.uses(name)):
-                freed += sizes.get(name) or 0
+        for x in {x for x in node.inputs if x is not None}:
+            if not x.is_graph_output() and all(u.node is node for u in x.uses()):
+                freed += sizes.get(x.name) or 0
         return out_bytes <= freed
 
-    def _fold_numeric(self, model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> dict[str, np.ndarray]:
-        known = {name for name in self.index.initializers if self._is_constant(name)}
+    def _fold_numeric(self, model: ir.Model, nodes: list[ir.Node]) -> dict[str, np.ndarray]:
+        known = {name for name in self.by_name if self._is_constant(name)}
         sizes: dict[str, int | None] = {name: self._bytes(name) for name in known}
-        plan: list[onnx.NodeProto] = []
+        plan: list[ir.Node] = []
         for node in nodes:
-            if not self._can_fold(node) or not all(x in known for x in node.input if x):
+            if not self._can_fold(node) or not all(x in known for x in self._names(node) if x):
                 continue
-            outs = [o for o in node.output if o]
+            outs = [o.name for o in node.outputs if o.name]
             est = [self._bytes(o) for o in outs]
             if None in est:
                 if node.op_type in GROWING:
@@ -260,30 +299,34 @@ class ConstantFolding(ProtoPass):
             sizes.update(zip(outs, est, strict=True))
         if not plan:
             return {}
-        produced = {o for n in plan for o in n.output}
-        feeds = sorted({x for n in plan for x in n.input if x and x not in produced})
-        tensors = [self.index.initializers[x] for x in feeds]
-        try:
-            values = evaluate(model, plan, tensors)
-        except Exception:  # noqa: BLE001 - one bad node must not stop the others: go node by node
-            values = {}
+        produced = {o.name for n in plan for o in n.outputs}
+        feeds = sorted({x for n in plan for x in self._names(n) if x and x not in produced})
+        values: dict[str, np.ndarray] = {}
+        if sum(tensor_bytes(self.by_name[x].const_value) for x in feeds) <= PLAN_FEED_BYTES:
+            try:
+                values = evaluate(model, plan, {x: self.by_name[x].const_value.numpy() for x in feeds})
+            except Exception:  # noqa: BLE001 - one bad node must not stop the others: go node by node
+                values = {}
+        if not values:
             for node in plan:
-                inputs = [x for x in node.input if x]
-                if not all(x in values or x in self.index.initializers for x in inputs):
+                inputs = [x for x in self._names(node) if x]
+                if not all(x in values or self._is_constant(x) for x in inputs):
                     continue
-                feeds = [numpy_helper.from_array(values[x], x) if x in values else self.index.initializers[x]
-                         for x in dict.fromkeys(inputs)]
+                node_feeds = {x: values[x] if x in values else self.by_name[x].const_value.numpy()
+                              for x in dict.fromkeys(inputs)}
                 try:
-                    values.update(evaluate(model, [node], feeds))
+                    values.update(evaluate(model, [node], node_feeds))
                 except Exception:  # noqa: BLE001
                     continue
+                finally:
+                    del node_feeds
         # Keep what evaluated and, now that sizes are known, is still affordable.
         kept: dict[str, np.ndarray] = {}
         for node in plan:
-            outs = [o for o in node.output if o]
+            outs = [o.name for o in node.outputs if o.name]
             if not all(o in values for o in outs):
                 continue
-            if not all(x in kept or self._is_constant(x) for x in node.input if x):
+            if not all(x in kept or self._is_constant(x) for x in self._names(node) if x):
                 continue
             sizes.update((o, values[o].nbytes) for o in outs)
             if self._affordable(node, sum(values[o].nbytes for o in outs), sizes):
@@ -298,10 +341,11 @@ class ConstantFolding(ProtoPass):
         for i, node in enumerate(nodes):
             if i in folded or node.domain not in DEFAULT_DOMAINS:
                 continue
+            node = _Named(node)
             if node.op_type == "Reshape":
                 shape = self._reshape_target(node)
                 if shape is not None:
-                    reshapes.append((node, shape))
+                    reshapes.append((node.node, shape))
                 continue
             rule = getattr(self, f"_sym_{node.op_type}", None)
             try:
@@ -337,8 +381,8 @@ class ConstantFolding(ProtoPass):
         """A small constant integer value (indices, axes, starts...)."""
         if name in self.values:
             v = self.values[name]
-        elif self._is_constant(name) and math.prod(self.index.initializers[name].dims) <= SMALL_ELEMENTS:
-            v = numpy_helper.to_array(self.index.initializers[name])
+        elif self._is_constant(name) and self.by_name[name].const_value.size <= SMALL_ELEMENTS:
+            v = self.by_name[name].const_value.numpy()
         else:
             return None
         return v if v.dtype.kind in "iu" and v.size <= SMALL_ELEMENTS else None
@@ -349,10 +393,10 @@ class ConstantFolding(ProtoPass):
         v = self._const(name)
         return None if v is None else _objects(v)
 
-    def _axes(self, node: onnx.NodeProto, since: int) -> tuple[bool, list[int] | None]:
+    def _axes(self, node: _Named, since: int) -> tuple[bool, list[int] | None]:
         """(known, axes): axes from the attribute or, from opset ``since``, the constant input."""
         if self.opset < since:
-            return True, attr(node, "axes")
+            return True, _attr(node, "axes")
         if len(node.input) < 2 or not node.input[1]:
             return True, None
         v = self._const(node.input[1])
@@ -362,7 +406,7 @@ class ConstantFolding(ProtoPass):
         dims = self._dims(node.input[0])
         if dims is None:
             return None
-        return _objects(dims[attr(node, "start", 0): attr(node, "end", len(dims))])
+        return _objects(dims[_attr(node, "start", 0): _attr(node, "end", len(dims))])
 
     def _sym_Size(self, node):
         dims = self._dims(node.input[0])
@@ -375,11 +419,11 @@ class ConstantFolding(ProtoPass):
 
     def _sym_Cast(self, node):
         x = self._sym(node.input[0])
-        return x if x is not None and attr(node, "to") in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) else None
+        return x if x is not None and _attr(node, "to") in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) else None
 
     def _sym_Gather(self, node):
         data, idx = self._sym(node.input[0]), self._const(node.input[1])
-        if data is None or idx is None or data.ndim != 1 or attr(node, "axis", 0) not in (0, -1):
+        if data is None or idx is None or data.ndim != 1 or _attr(node, "axis", 0) not in (0, -1):
             return None
         if np.any(idx < -len(data)) or np.any(idx >= len(data)):
             return None
@@ -399,7 +443,7 @@ class ConstantFolding(ProtoPass):
         parts = [self._sym(x) for x in node.input]
         if not parts or any(p is None for p in parts):
             return None
-        return np.concatenate(parts, axis=attr(node, "axis"))
+        return np.concatenate(parts, axis=_attr(node, "axis"))
 
     def _sym_Slice(self, node):
         x = self._sym(node.input[0])
@@ -412,7 +456,7 @@ class ConstantFolding(ProtoPass):
                 return None
             starts, ends, axes, steps = args
         else:
-            starts, ends, axes, steps = attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None
+            starts, ends, axes, steps = _attr(node, "starts"), _attr(node, "ends"), _attr(node, "axes"), None
         if len(starts) != 1 or (axes is not None and [int(a) for a in axes] not in ([0], [-1])):
             return None
         step = 1 if steps is None else int(steps[0])
@@ -445,12 +489,12 @@ class ConstantFolding(ProtoPass):
             return x if y == 1 else None
         return self._arith(node, div)
 
-    def _reshape_target(self, node: onnx.NodeProto) -> np.ndarray | None:
+    def _reshape_target(self, node: _Named) -> np.ndarray | None:
         """A constant equivalent of a partially known Reshape shape, if there is one."""
         shape = self.syms.get(node.input[1]) if len(node.input) > 1 else None
         if shape is None or shape.ndim != 1:
             return None
-        allowzero = attr(node, "allowzero", 0)
+        allowzero = _attr(node, "allowzero", 0)
         data = self._dims(node.input[0]) or []
         new = list(shape)
         if not allowzero:
@@ -461,6 +505,20 @@ class ConstantFolding(ProtoPass):
         if any(isinstance(e, Sym) for e in new):
             return None
         return np.array(new, dtype=np.int64)
+
+
+class _Named:
+    """A node seen through its input and output names (the symbolic rules work on names)."""
+
+    def __init__(self, node: ir.Node):
+        self.node = node
+        self.input = [x.name if x is not None else "" for x in node.inputs]
+        self.output = [o.name or "" for o in node.outputs]
+        self.op_type = node.op_type
+
+
+def _attr(node, name: str, default=None):
+    return attr(node.node if isinstance(node, _Named) else node, name, default)
 
 
 def _objects(values) -> np.ndarray:

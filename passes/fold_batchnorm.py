@@ -65,13 +65,13 @@ class FoldBatchNorm(Pass):
     def call(self, model: ir.Model) -> PassResult:
         g, folded = model.graph, 0
         namer = Namer(g)
+        self.orphans: set[str] = set()
         while True:  # BN -> BN chains fold one link per round
             done = [bn for bn in list(g) if self._fold(g, bn, namer)]
             if not done:
                 break
             folded += len(done)
-        if folded:
-            drop_unused_initializers(g)
+        drop_unused_initializers(g, self.orphans)
         return PassResult(model, folded > 0, {"folded": folded})
 
     def _fold(self, g: ir.Graph, bn: ir.Node, namer: Namer) -> bool:
@@ -99,8 +99,10 @@ class FoldBatchNorm(Pass):
                               s, offset - mean * s)
         if new is None:
             return False
+        params_in = {x.name for x in bn.inputs[1:]} | {x.name for x in op.inputs[1:] if x is not None}
         if not bypass(bn, y):
             return False
+        self.orphans |= params_in
         own_initializer(g, op, 1, new[0].astype(w.dtype), namer)
         own_initializer(g, op, BIAS, new[1].astype(w.dtype), namer,
                         base_name=None if has_bias else f"{op.outputs[0].name}_bias")

@@ -9,39 +9,37 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
-from onnxopt.legacy_graph import (
-    GraphIndex,
+from onnxopt.graph import (
     attr,
-    delete_nodes,
-    drop_initializers,
-    drop_value_info,
+    constant_value,
+    drop_unused_initializers,
+    is_op,
+    only_use,
     opset_version,
     set_attr,
 )
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
-
-DEFAULT_DOMAINS = ("", "ai.onnx")
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 
 
 class FoldPadIntoConvConfig(PassConfig):
     type: Literal["fold-pad-into-conv"] = "fold-pad-into-conv"
 
 
-def _pad_amounts(index: GraphIndex, pad: onnx.NodeProto, opset: int, rank: int) -> list[int] | None:
+def _pad_amounts(pad: ir.Node, opset: int, rank: int) -> list[int] | None:
     """The Pad's [x1_begin, ..., x1_end, ...] over all ``rank`` axes if it pads zeros, else None."""
-    if attr(pad, "mode", b"constant") != b"constant":
+    if attr(pad, "mode", "constant") != "constant":
         return None
     if opset < 11:
         pads, value = attr(pad, "pads", attr(pad, "paddings")), attr(pad, "value", 0.0)
         axes = None
     else:
-        inputs = list(pad.input) + [""] * (4 - len(pad.input))
-        pads = index.constant(inputs[1]) if inputs[1] else None
-        value = index.constant(inputs[2]) if inputs[2] else 0
-        axes = index.constant(inputs[3]) if inputs[3] else None
-        if value is None or (inputs[3] and axes is None):
+        inputs = list(pad.inputs) + [None] * (4 - len(pad.inputs))
+        pads = constant_value(inputs[1]) if inputs[1] is not None else None
+        value = constant_value(inputs[2]) if inputs[2] is not None else 0
+        axes = constant_value(inputs[3]) if inputs[3] is not None else None
+        if value is None or (inputs[3] is not None and axes is None):
             return None
     if pads is None or np.any(np.asarray(value) != 0):
         return None
@@ -57,50 +55,47 @@ def _pad_amounts(index: GraphIndex, pad: onnx.NodeProto, opset: int, rank: int) 
     return full
 
 
-class FoldPadIntoConv(ProtoPass):
+class FoldPadIntoConv(Pass):
     name = "fold-pad-into-conv"
     summary = "Fold zero constant Pad nodes into the pads of the Conv that consumes them."
     Config = FoldPadIntoConvConfig
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         g, opset, folded = model.graph, opset_version(model), 0
         while True:  # a second round catches Pad -> Pad -> Conv chains
-            index = GraphIndex(g)
-            doomed = [pad for pad in g.node if self._fold(index, pad, opset)]
+            doomed = [pad for pad in list(g) if self._fold(pad, opset)]
             if not doomed:
                 break
-            orphans = {x for pad in doomed for x in pad.input[1:]}
-            gone = {pad.output[0] for pad in doomed}
-            delete_nodes(g, doomed)
-            drop_initializers(g, orphans)
-            drop_value_info(g, candidates=gone)
+            orphans = {x.name for pad in doomed for x in pad.inputs[1:] if x is not None}
+            g.remove(doomed, safe=True)
+            drop_unused_initializers(g, orphans)
             folded += len(doomed)
         return PassResult(model, folded > 0, {"folded": folded})
 
     @staticmethod
-    def _fold(index: GraphIndex, pad: onnx.NodeProto, opset: int) -> bool:
-        if pad.op_type != "Pad" or pad.domain not in DEFAULT_DOMAINS:
+    def _fold(pad: ir.Node, opset: int) -> bool:
+        if not is_op(pad, "Pad") or not pad.inputs or pad.inputs[0] is None:
             return False
-        conv = index.only_use(pad.output[0])
-        if conv is None or conv.op_type != "Conv" or conv.domain not in DEFAULT_DOMAINS:
+        out = pad.outputs[0]
+        conv = only_use(out)
+        if not is_op(conv, "Conv") or conv.inputs[0] is not out:
             return False
-        if list(conv.input).count(pad.output[0]) != 1 or conv.input[0] != pad.output[0]:
-            return False
-        auto_pad = attr(conv, "auto_pad", b"NOTSET")
-        if auto_pad not in (b"NOTSET", b"VALID"):
+        auto_pad = attr(conv, "auto_pad", "NOTSET")
+        if auto_pad not in ("NOTSET", "VALID"):
             return False
         kernel = attr(conv, "kernel_shape")
-        weight = index.initializers.get(conv.input[1])
-        rank = len(kernel) + 2 if kernel else len(weight.dims) if weight is not None else 0
-        pads = _pad_amounts(index, pad, opset, rank) if rank > 2 else None
+        weight = conv.inputs[1] if len(conv.inputs) > 1 else None
+        wshape = weight.shape if weight is not None else None
+        rank = len(kernel) + 2 if kernel else len(wshape) if wshape is not None else 0
+        pads = _pad_amounts(pad, opset, rank) if rank > 2 else None
         if pads is None or min(pads) < 0 or pads[0] or pads[1] or pads[rank] or pads[rank + 1]:
             return False
         spatial = rank - 2
-        old = [0] * (2 * spatial) if auto_pad == b"VALID" else attr(conv, "pads", [0] * (2 * spatial))
+        old = [0] * (2 * spatial) if auto_pad == "VALID" else attr(conv, "pads", [0] * (2 * spatial))
         new = [old[i] + pads[2 + i] for i in range(spatial)] + [old[spatial + i] + pads[rank + 2 + i]
                                                                 for i in range(spatial)]
         set_attr(conv, "pads", new)
-        if auto_pad == b"VALID":
+        if auto_pad == "VALID":
             set_attr(conv, "auto_pad", "NOTSET")
-        index.replace_input(conv, pad.output[0], pad.input[0])
+        conv.replace_input_with(0, pad.inputs[0])
         return True

@@ -1,17 +1,19 @@
-"""Shape inference: record inferred shapes and types as value_info (what later passes and ORT read)."""
+"""Shape inference: record inferred shapes and types on the model's values (what later passes and ORT read).
+
+Inference runs on the weight-less skeleton (``onnxopt.checks.infer``: large weights become typed inputs),
+so it costs the same whatever the size of the weights, and its results are written back onto the IR's
+values, subgraph bodies included.
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
 import onnx
+import onnx_ir as ir
 
-from onnxopt.legacy_graph import tensor_bytes
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
-
-# Initializers up to this size keep their values, so data propagation still sees shape tensors,
-# axes and the like; larger ones are weights whose values inference never reads.
-KEEP_VALUES_BYTES = 64 * 1024
+from onnxopt.checks import infer
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 
 
 class ShapeInferenceConfig(PassConfig):
@@ -19,60 +21,60 @@ class ShapeInferenceConfig(PassConfig):
     data_prop: bool = True
 
 
-def _stub(t: onnx.TensorProto) -> onnx.TensorProto:
-    """The tensor's name, type and dims without its data, marked external so nothing expects bytes."""
-    stub = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
-    stub.data_location = onnx.TensorProto.EXTERNAL
-    stub.external_data.add(key="location", value="onnxopt-stub")
-    return stub
+def _typed(value: ir.Value) -> bool:
+    return value.type is not None or value.shape is not None
 
 
-def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with its large initializers reduced to type and shape.
-
-    onnx's in-memory inference serializes the whole model, which fails above 2 GB and copies every
-    weight twice below it; the skeleton is small whatever the model's size.
-    """
-    out = onnx.ModelProto()
-    graph = model.graph
-    out.CopyFrom(onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
-                                 functions=model.functions))
-    g = out.graph
-    g.name = graph.name
-    g.node.extend(graph.node)
-    g.input.extend(graph.input)
-    g.output.extend(graph.output)
-    g.value_info.extend(graph.value_info)
-    g.sparse_initializer.extend(graph.sparse_initializer)
-    for t in graph.initializer:
-        keep = t.data_location != onnx.TensorProto.EXTERNAL and tensor_bytes(t) <= KEEP_VALUES_BYTES
-        g.initializer.append(t if keep else _stub(t))
-    return out
+def _apply(value: ir.Value, tp: onnx.TypeProto) -> bool:
+    """Give ``value`` the inferred type and shape; True if that changed anything."""
+    new_type = ir.serde.deserialize_type_proto_for_type(tp)
+    new_shape = ir.serde.deserialize_type_proto_for_shape(tp)
+    changed = False
+    if new_type is not None and value.type != new_type:
+        value.type = new_type
+        changed = True
+    if new_shape is not None and (value.shape is None or list(value.shape) != list(new_shape)):
+        value.shape = new_shape
+        changed = True
+    return changed
 
 
-class ShapeInference(ProtoPass):
+def write_back(graph: ir.Graph, inferred: onnx.GraphProto) -> int:
+    """Copy inferred types/shapes of ``inferred`` (the same graph, serialized) onto ``graph``'s values; returns
+    how many values changed."""
+    types = {vi.name: vi.type for vi in [*inferred.value_info, *inferred.output] if vi.type.HasField("tensor_type")
+             or vi.type.WhichOneof("value")}
+    changed = 0
+    for value in graph.outputs:
+        if value.name in types:
+            changed += _apply(value, types[value.name])
+    for node, proto in zip(graph, inferred.node, strict=False):
+        for out in node.outputs:
+            if out.name in types and not out.is_graph_output():
+                changed += _apply(out, types[out.name])
+        bodies = {a.name: a for a in proto.attribute}
+        for name, a in node.attributes.items():
+            if a.is_ref() or name not in bodies:
+                continue
+            if a.type == ir.AttributeType.GRAPH:
+                changed += write_back(a.value, bodies[name].g)
+            elif a.type == ir.AttributeType.GRAPHS:
+                for body, body_proto in zip(a.value, bodies[name].graphs, strict=False):
+                    changed += write_back(body, body_proto)
+    return changed
+
+
+class ShapeInference(Pass):
     name = "shape-inference"
     summary = "Infer shapes and types of every value and store them in the graph (value_info)."
     Config = ShapeInferenceConfig
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        before = {v.name: v.SerializeToString(deterministic=True) for v in model.graph.value_info}
-        outputs_before = [o.SerializeToString(deterministic=True) for o in model.graph.output]
-        inferred = onnx.shape_inference.infer_shapes(skeleton(model), check_type=True, strict_mode=True,
-                                                     data_prop=self.config.data_prop).graph
-        after = {v.name: v.SerializeToString(deterministic=True) for v in inferred.value_info}
-        # Inference also fills in graph outputs declared without a shape.
-        outputs_after = [o.SerializeToString(deterministic=True) for o in inferred.output]
-        changed = before != after or outputs_before != outputs_after
-        if not changed:
-            return PassResult(model, False, {"value_info": len(after), "added": 0})
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        # Nodes too: inference records value_info inside If/Loop bodies.
-        del out.graph.node[:]
-        out.graph.node.extend(inferred.node)
-        del out.graph.value_info[:]
-        out.graph.value_info.extend(inferred.value_info)
-        del out.graph.output[:]
-        out.graph.output.extend(inferred.output)
-        return PassResult(out, changed, {"value_info": len(after), "added": len(set(after) - set(before))})
+    def call(self, model: ir.Model) -> PassResult:
+        g = model.graph
+        intermediates = [o for n in g for o in n.outputs if not o.is_graph_output()]
+        before = {id(v) for v in intermediates if _typed(v)}
+        inferred = infer(model, data_prop=self.config.data_prop)
+        changed = write_back(g, inferred.graph)
+        after = [v for v in intermediates if _typed(v)]
+        added = sum(1 for v in after if id(v) not in before)
+        return PassResult(model, changed > 0, {"value_info": len(after), "added": added})

@@ -1,6 +1,7 @@
 """Topological sort: order nodes so every value is produced before it is used.
 
-Stable: nodes already in a valid order keep it, so the pass is a no-op on sorted graphs.
+Stable: nodes already in a valid order keep it, so the pass is a no-op on sorted graphs. Values a
+node's subgraphs capture from the outer graph count as its inputs.
 """
 
 from __future__ import annotations
@@ -8,40 +9,44 @@ from __future__ import annotations
 import heapq
 from typing import Literal
 
-import onnx
+import onnx_ir as ir
 
 from onnxopt.errors import InvalidModelError
-from onnxopt.legacy_graph import implicit_inputs
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
+from onnxopt.graph import captured_values
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 
 
 class TopologicalSortConfig(PassConfig):
     type: Literal["topological-sort"] = "topological-sort"
 
 
-def sort_nodes(graph: onnx.GraphProto) -> bool:
-    """Sort ``graph.node`` in place; return True if the order changed."""
-    nodes = list(graph.node)
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    producer_of: dict[str, int] = {}
-    for idx, n in enumerate(nodes):
-        for out in n.output:
-            if out:
-                producer_of[out] = idx
-    waiting: dict[int, set[int]] = {}
-    dependents: dict[int, list[int]] = {i: [] for i in range(len(nodes))}
+def _label(node: ir.Node) -> str:
+    return node.name or node.op_type
+
+
+def sort_nodes(graph: ir.Graph) -> bool:
+    """Sort ``graph``'s nodes in place (smallest original position first among the ready ones); return
+    True if the order changed."""
+    nodes = list(graph)
+    position = {id(n): i for i, n in enumerate(nodes)}
+    waiting: list[set[int]] = []
+    dependents: list[list[int]] = [[] for _ in nodes]
     for idx, n in enumerate(nodes):
         deps = set()
-        for name in list(n.input) + sorted(implicit_inputs(n)):
-            if name in available:
+        for x in [*n.inputs, *captured_values(n)]:
+            if x is None or x.is_graph_input() or x.is_initializer():
                 continue
-            if name not in producer_of:
-                raise InvalidModelError(f"node {n.name or n.op_type!r} reads {name!r}, which nothing produces")
-            deps.add(producer_of[name])
-        waiting[idx] = deps
+            producer = x.producer()
+            if producer is None or id(producer) not in position:
+                if producer is None or producer.graph is not graph:
+                    if producer is None:
+                        raise InvalidModelError(f"node {_label(n)!r} reads {x.name!r}, which nothing produces")
+                    continue  # an outer-scope value (this graph is a body)
+            deps.add(position[id(producer)])
+        waiting.append(deps)
         for d in deps:
             dependents[d].append(idx)
-    ready = [i for i, d in waiting.items() if not d]
+    ready = [i for i, d in enumerate(waiting) if not d]
     heapq.heapify(ready)
     order: list[int] = []
     while ready:
@@ -52,28 +57,29 @@ def sort_nodes(graph: onnx.GraphProto) -> bool:
             if not waiting[j]:
                 heapq.heappush(ready, j)
     if len(order) != len(nodes):
-        stuck = [nodes[i].name or nodes[i].op_type for i in range(len(nodes)) if waiting[i]][:3]
+        stuck = [_label(nodes[i]) for i in range(len(nodes)) if waiting[i]][:3]
         raise InvalidModelError(f"graph has a cycle (involving {', '.join(stuck)})")
     if order == list(range(len(nodes))):
         return False
-    del graph.node[:]
-    graph.node.extend(nodes[i] for i in order)
+    graph.remove(nodes)  # unlink only: uses stay as they are
+    graph.extend(nodes[i] for i in order)
     return True
 
 
-class TopologicalSort(ProtoPass):
+class TopologicalSort(Pass):
     name = "topological-sort"
     summary = "Order nodes so every value is produced before it is used (stable)."
     Config = TopologicalSortConfig
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         changed = sort_nodes(model.graph)
         return PassResult(model, changed, {"reordered": changed})
 
-    def ensures(self, model: onnx.ModelProto) -> None:
-        seen = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
-        for n in model.graph.node:
-            missing = [x for x in n.input if x not in seen]
+    def ensures(self, model: ir.Model) -> None:
+        seen: set[int] = set()
+        for n in model.graph:
+            missing = [x.name for x in n.inputs if x is not None and x.producer() is not None
+                       and id(x.producer()) not in seen]
             if missing:
-                raise InvalidModelError(f"node {n.name or n.op_type!r} uses {missing} before they are produced")
-            seen.update(n.output)
+                raise InvalidModelError(f"node {_label(n)!r} uses {missing} before they are produced")
+            seen.add(id(n))

@@ -2,8 +2,8 @@ from typing import Literal
 
 import numpy as np
 import onnx
-import pytest
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.errors import PassError, PreconditionError
