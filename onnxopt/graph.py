@@ -365,3 +365,11 @@ def initializer_bytes(graph: ir.Graph) -> int:
 
 def parameter_count(graph: ir.Graph) -> int:
     return sum(int(v.const_value.size) for v in graph.initializers.values() if v.const_value is not None)
+
+
+def replace_node(old: ir.Node, new_nodes: list[ir.Node], new_outputs: list[ir.Value]) -> None:
+    """Put ``new_nodes`` where ``old`` was; ``new_outputs[i]`` takes over ``old.outputs[i]``: its readers, its
+    place among the graph outputs, its name, type and shape."""
+    graph = old.graph
+    ir.convenience.replace_nodes_and_values(graph, old, [old], new_nodes, list(old.outputs[:len(new_outputs)]),
+                                            new_outputs)

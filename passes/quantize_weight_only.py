@@ -33,18 +33,27 @@ from typing import Any, Literal
 
 import ml_dtypes
 import numpy as np
-import onnx
-from onnx import helper
+import onnx_ir as ir
 from pydantic import Field, field_validator
 
+from onnxopt.activations import GRAM_CHUNK, stream_activations
 from onnxopt.errors import OnnxoptError, PreconditionError
-from onnxopt.legacy_graph import GraphIndex, attr, opset_version
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
+from onnxopt.graph import (
+    DEFAULT_DOMAINS,
+    Namer,
+    add_initializer,
+    attr,
+    constant_tensor,
+    constant_value,
+    is_initializer,
+    opset_version,
+    release,
+    replace_node,
+)
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 
 MS_DOMAIN = "com.microsoft"
-DEFAULT_DOMAINS = ("", "ai.onnx")
 MARK = "/weight_only"
-GRAM_CHUNK = 8192
 
 
 class QuantizeWeightOnlyConfig(PassConfig):
@@ -270,29 +279,21 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Hessians from calibration data
 # --------------------------------------------------------------------------------------------
-def collect_hessians(model: onnx.ModelProto, source, tensors: dict[str, int], cfg: QuantizeWeightOnlyConfig,
+def collect_hessians(model: ir.Model, source, tensors: dict[str, int], cfg: QuantizeWeightOnlyConfig,
                      progress) -> tuple[dict[str, np.ndarray], int]:
     """{activation: E[x^T x]} over the rows of each activation (masked rows left out), and the samples used."""
-    from onnxopt.passes.calibrate import exposed_model, limited_batches
-
-    from onnxopt.runtime import make_session, run_batch
-
-    graph_inputs = {i.name for i in model.graph.input}
-    fetch = [t for t in tensors if t not in graph_inputs]
-    session = make_session(exposed_model(model, fetch), opt_level="basic", what="model (gptq calibration)")
-    feed_names = {i.name for i in session.get_inputs()}
+    feed_names = {i.name for i in model.graph.inputs if not i.is_initializer()}
     mask_name = next((m for m in cfg.mask_inputs if m in feed_names), None)
     grams = {t: np.zeros((k, k)) for t, k in tensors.items()}
     rows_seen = dict.fromkeys(tensors, 0)
     done = 0
     total = len(source) if cfg.max_samples is None else min(len(source), cfg.max_samples)
     with progress.task("quantize-weight-only: input Hessians", total) as bar:
-        for batch in limited_batches(source, cfg.batch_size, cfg.max_samples):
-            feed = {k: v for k, v in batch.items() if k in feed_names}
-            values = run_batch(session, feed, fetch, first_sample=done) if fetch else {}
+        for batch, values in stream_activations(model, source, list(tensors), batch_size=cfg.batch_size,
+                                                max_samples=cfg.max_samples, what="model (gptq calibration)"):
             mask = np.asarray(batch[mask_name]) != 0 if mask_name else None
             for t, k in tensors.items():
-                x = values[t] if t in values else batch[t]
+                x = values[t]
                 if x.shape[-1] != k:
                     raise OnnxoptError(f"quantize-weight-only: activation {t!r} has {x.shape[-1]} features, "
                                        f"expected {k}")
@@ -317,69 +318,66 @@ def collect_hessians(model: onnx.ModelProto, source, tensors: dict[str, int], cf
 # --------------------------------------------------------------------------------------------
 @dataclass
 class _Target:
-    node: onnx.NodeProto
+    """A weight to quantize, described without reading it (``matrix`` reads it when its turn comes)."""
+
+    node: ir.Node
     label: str
-    weight: str
-    stored: np.ndarray  # the initializer as stored
-    wt: np.ndarray  # [N, K] float32 view used for quantization (transB undone; alpha not applied)
-    act: str
+    weight: ir.Value  # the initializer
+    shape: tuple[int, ...]  # as stored
+    act: ir.Value  # the activation (GPTQ Hessian) or the Gather ids
     form: str  # "matmulnbits" | "dequantize-linear" | "gather"
-    k_axis: int  # reduction axis of ``stored`` (dequantize-linear)
+    k_axis: int  # reduction axis of the stored weight (dequantize-linear)
+    layout: str  # how the stored weight becomes [N, K]: "same" | "T" | "batched"
+
+    @property
+    def k(self) -> int:
+        if self.layout == "same":
+            return self.shape[1]
+        return self.shape[-2] if self.layout == "batched" else self.shape[0]
+
+    def matrix(self, w: np.ndarray) -> np.ndarray:
+        """The stored weight as [N, K] float32 (transB undone; alpha not applied)."""
+        if self.layout == "same":
+            return w
+        if self.layout == "T":
+            return np.ascontiguousarray(w.T)
+        return np.moveaxis(w, -2, -1).reshape(-1, w.shape[-2])
 
 
-class QuantizeWeightOnly(ProtoPass):
+class QuantizeWeightOnly(Pass):
     name = "quantize-weight-only"
     summary = ("Weight-only int4/int8 block quantization of MatMul/Gemm weights (MatMulNBits or opset-21 "
                "DequantizeLinear) and optionally embedding tables; RTN or GPTQ with --calib.")
     Config = QuantizeWeightOnlyConfig
 
-    def requires(self, model: onnx.ModelProto) -> None:
+    def requires(self, model: ir.Model) -> None:
         super().requires(model)
         if self.config.method == "gptq" and self.context.calibration is None:
             raise PreconditionError("method 'gptq' needs calibration data (pass it with --calib)")
 
-    def call(self, model: onnx.ModelProto) -> WeightOnlyResult:
+    def call(self, model: ir.Model) -> WeightOnlyResult:
         cfg: QuantizeWeightOnlyConfig = self.config  # type: ignore[assignment]
         method = cfg.method if cfg.method != "auto" else ("gptq" if self.context.calibration is not None else "rtn")
-        index = GraphIndex(model.graph)
         result = WeightOnlyResult(model, False)
-        targets = self._targets(index, result.skipped)
+        targets = self._targets(model.graph, result.skipped)
         if any(t.form == "dequantize-linear" for t in targets) and opset_version(model) < 21:
             model = self._upgrade(model)
-            index = GraphIndex(model.graph)
             result.skipped.clear()
-            targets = self._targets(index, result.skipped)
+            targets = self._targets(model.graph, result.skipped)
+        g = model.graph
+        self.namer = Namer(g)
         hessians: dict[str, np.ndarray] = {}
         linear = [t for t in targets if t.form != "gather"]
         if method == "gptq" and linear:
-            acts = {t.act: t.wt.shape[1] for t in linear}
+            acts = {t.act.name: t.k for t in linear}
             hessians, result.calibration_samples = collect_hessians(
                 model, self.context.calibration, acts, cfg, self.context.progress)
-        pending: dict[int, list[onnx.NodeProto]] = {}
-        dropped: set[str] = set()
-        for t in targets:
-            bits = cfg.embedding_bits if t.form == "gather" else cfg.bits
-            block = cfg.embedding_block_size if t.form == "gather" else cfg.block_size
-            h = hessians.get(t.act)
-            how = "gptq" if (t.form != "gather" and h is not None) else "rtn"
-            q = gptq(t.wt, h, bits, block, cfg.symmetric, cfg.damping, cfg.clip_search) if how == "gptq" else \
-                rtn(t.wt, bits, block, cfg.symmetric, cfg.clip_search)
-            deq = q.dequantized()
-            before = int(t.stored.nbytes)
-            new_nodes, after = self._rewrite(index, t, q, bits, block)
-            pending[id(t.node)] = new_nodes
-            dropped.add(t.weight)
-            if t.form == "matmulnbits" and t.node.op_type == "Gemm" and len(t.node.input) > 2:
-                dropped.add(t.node.input[2])  # now the kernel's bias input (scaled by beta)
-            result.layers[t.label] = LayerQuant(
-                node=t.label, op_type=t.node.op_type, weight=t.weight, shape=list(t.stored.shape), bits=bits,
-                block_size=block, method=how, format=t.form, weight_error=rel_error(t.wt, deq),
-                output_error=rel_error(t.wt, deq, h) if h is not None else None, bytes_before=before,
-                bytes_after=after)
-        self._apply(index, pending, dropped)
-        if any(t.form != "dequantize-linear" for t in targets) and \
-                not any(o.domain == MS_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        with self.context.progress.task("quantize-weight-only", len(targets)) as bar:
+            for t in targets:
+                result.layers[t.label] = self._quantize(g, t, hessians.get(t.act.name), method)
+                bar.update(1)
+        if any(t.form != "dequantize-linear" for t in targets) and MS_DOMAIN not in model.opset_imports:
+            model.opset_imports[MS_DOMAIN] = 1
         result.model = model
         result.modified = bool(result.layers)
         layers = result.layers.values()
@@ -397,140 +395,178 @@ class QuantizeWeightOnly(ProtoPass):
         }
         return result
 
+    def _quantize(self, g: ir.Graph, t: _Target, h: np.ndarray | None, method: str) -> LayerQuant:
+        """Read one weight, quantize it, rewrite its node; nothing of the float weight is kept."""
+        cfg: QuantizeWeightOnlyConfig = self.config  # type: ignore[assignment]
+        bits = cfg.embedding_bits if t.form == "gather" else cfg.bits
+        block = cfg.embedding_block_size if t.form == "gather" else cfg.block_size
+        h = h if t.form != "gather" else None
+        how = "gptq" if h is not None else "rtn"
+        w = constant_value(t.weight)
+        wt = t.matrix(w)
+        q = gptq(wt, h, bits, block, cfg.symmetric, cfg.damping, cfg.clip_search) if how == "gptq" else \
+            rtn(wt, bits, block, cfg.symmetric, cfg.clip_search)
+        deq = q.dequantized()
+        layer = LayerQuant(
+            node=t.label, op_type=t.node.op_type, weight=t.weight.name, shape=list(t.shape), bits=bits,
+            block_size=block, method=how, format=t.form, weight_error=rel_error(wt, deq),
+            output_error=rel_error(wt, deq, h) if h is not None else None, bytes_before=int(w.nbytes),
+            bytes_after=0)
+        del w, wt, deq
+        layer.bytes_after = self._rewrite(g, t, q, bits, block)
+        return layer
+
     # --- which weights --------------------------------------------------------------------------
     def _excluded(self, *names: str) -> bool:
         return any(fnmatch.fnmatchcase(n, pat) for n in names if n for pat in self.config.exclude)
 
-    def _targets(self, index: GraphIndex, skipped: dict[str, str]) -> list[_Target]:
+    def _targets(self, graph: ir.Graph, skipped: dict[str, str]) -> list[_Target]:
         cfg: QuantizeWeightOnlyConfig = self.config  # type: ignore[assignment]
         out: list[_Target] = []
-        for node in index.graph.node:
-            if node.domain not in DEFAULT_DOMAINS or len(node.input) < 2:
+        for node in graph:
+            if node.domain not in DEFAULT_DOMAINS or len(node.inputs) < 2:
                 continue
             kind = node.op_type
             if kind == "Gather" and not cfg.embeddings or kind not in ("MatMul", "Gemm", "Gather"):
                 continue
-            wname = node.input[0] if kind == "Gather" else node.input[1]
-            w = index.constant(wname)
-            label = node.name or f"{kind}({node.output[0]})"
-            if w is None or w.dtype != np.float32 or index.constant(node.input[1 if kind == "Gather" else 0]) \
-                    is not None:
+            wv, act = (node.inputs[0], node.inputs[1]) if kind == "Gather" else (node.inputs[1], node.inputs[0])
+            tensor = constant_tensor(wv)
+            label = node.name or f"{kind}({node.outputs[0].name})"
+            if tensor is None or tensor.dtype != ir.DataType.FLOAT or act is None or \
+                    constant_tensor(act) is not None:
                 continue
-            if wname not in index.initializers or wname in index.graph_inputs:
+            wname = wv.name
+            if not is_initializer(wv):
                 skipped[label] = f"weight {wname!r} is not an initializer"
                 continue
-            if self._excluded(node.name, wname):
+            if self._excluded(node.name or "", wname):
                 skipped[label] = "excluded"
                 continue
-            if w.size < cfg.min_elements:
-                skipped[label] = f"{w.size} elements < min_elements {cfg.min_elements}"
+            shape = tuple(tensor.shape.numpy())
+            size = int(np.prod(shape, dtype=np.int64))
+            if size < cfg.min_elements:
+                skipped[label] = f"{size} elements < min_elements {cfg.min_elements}"
                 continue
-            others = [u for u in index.uses(wname) if u is not node]
-            if others or index.is_output(wname):
+            others = [u for u in wv.consumers() if u is not node]
+            if others or wv.is_graph_output() or len(wv.uses()) > 1:
                 skipped[label] = f"weight {wname!r} is shared with {len(others)} other node(s)"
                 continue
             if kind == "Gather":
-                why = self._gather_problem(node, w)
+                why = self._gather_problem(node, shape)
                 if why:
                     skipped[label] = why
                     continue
-                out.append(_Target(node, label, wname, w, w, node.input[1], "gather", 1))
+                out.append(_Target(node, label, wv, shape, act, "gather", 1, "same"))
                 continue
-            t = self._linear_target(index, node, label, wname, w, skipped)
+            t = self._linear_target(node, label, wv, shape, act, skipped)
             if t is not None:
                 out.append(t)
         return out
 
-    def _gather_problem(self, node: onnx.NodeProto, w: np.ndarray) -> str | None:
-        if w.ndim != 2:
-            return f"table of rank {w.ndim} (GatherBlockQuantized: 2-D tables)"
+    def _gather_problem(self, node: ir.Node, shape: tuple[int, ...]) -> str | None:
+        if len(shape) != 2:
+            return f"table of rank {len(shape)} (GatherBlockQuantized: 2-D tables)"
         if attr(node, "axis", 0) not in (0, -2):
             return "gathers on axis 1"
-        if w.shape[1] % self.config.embedding_block_size:
-            return f"row length {w.shape[1]} is not a multiple of embedding_block_size"
+        if shape[1] % self.config.embedding_block_size:
+            return f"row length {shape[1]} is not a multiple of embedding_block_size"
         return None
 
-    def _linear_target(self, index, node, label, wname, w, skipped) -> _Target | None:
+    def _linear_target(self, node, label, wv, shape, act, skipped) -> _Target | None:
         cfg: QuantizeWeightOnlyConfig = self.config  # type: ignore[assignment]
+        ndim = len(shape)
         if node.op_type == "MatMul":
-            if w.ndim < 2:
+            if ndim < 2:
                 skipped[label] = "1-D weight"
                 return None
-            fits = w.ndim == 2
+            fits = ndim == 2
             form = "matmulnbits" if fits and cfg.format != "dequantize-linear" else "dequantize-linear"
             if cfg.format == "matmulnbits" and not fits:
-                skipped[label] = f"weight of rank {w.ndim}: MatMulNBits takes 2-D weights"
+                skipped[label] = f"weight of rank {ndim}: MatMulNBits takes 2-D weights"
                 return None
-            if w.ndim != 2:  # rank 3+: DequantizeLinear blocked along K, no Hessian
-                return _Target(node, label, wname, w, np.moveaxis(w, -2, -1).reshape(-1, w.shape[-2]),
-                               node.input[0], form, w.ndim - 2)
-            return _Target(node, label, wname, w, np.ascontiguousarray(w.T), node.input[0], form, 0)
+            if ndim != 2:  # rank 3+: DequantizeLinear blocked along K, no Hessian
+                return _Target(node, label, wv, shape, act, form, ndim - 2, "batched")
+            return _Target(node, label, wv, shape, act, form, 0, "T")
         # Gemm
-        if w.ndim != 2:
+        if ndim != 2:
             return None
         trans_b = bool(attr(node, "transB", 0))
-        wt = w if trans_b else np.ascontiguousarray(w.T)
-        fits = not attr(node, "transA", 0) and self._gemm_bias(index, node, wt.shape[0]) is not False
+        n = shape[0] if trans_b else shape[1]
+        fits = not attr(node, "transA", 0) and self._gemm_bias(node, n) is not False
         form = "matmulnbits" if fits and cfg.format != "dequantize-linear" else "dequantize-linear"
         if cfg.format == "matmulnbits" and not fits:
             skipped[label] = "Gemm with transA or a bias that is not one row: MatMulNBits cannot express it"
             return None
-        return _Target(node, label, wname, w, wt, node.input[0], form, 1 if trans_b else 0)
+        return _Target(node, label, wv, shape, act, form, 1 if trans_b else 0, "same" if trans_b else "T")
 
     @staticmethod
-    def _gemm_bias(index: GraphIndex, node: onnx.NodeProto, n: int):
+    def _gemm_bias(node: ir.Node, n: int):
         """The [N] float32 bias ``beta * C`` of a Gemm (None without C); False if it is not one constant row."""
-        if len(node.input) < 3 or not node.input[2]:
+        if len(node.inputs) < 3 or node.inputs[2] is None:
             return None
-        c = index.constant(node.input[2])
+        c = constant_value(node.inputs[2])
         if c is None or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
             return False
         return (np.broadcast_to(c.reshape(-1), (n,)) * float(attr(node, "beta", 1.0))).astype(np.float32)
 
     # --- rewriting ----------------------------------------------------------------------------
-    def _rewrite(self, index: GraphIndex, t: _Target, q: Quantized, bits: int, block: int):
-        """New nodes that replace ``t.node`` and the bytes of the new constants."""
+    def _const(self, g: ir.Graph, array: np.ndarray, base: str) -> ir.Value:
+        return add_initializer(g, np.ascontiguousarray(array), base, self.namer)
+
+    def _drop(self, g: ir.Graph, value: ir.Value | None) -> None:
+        """Remove an initializer the rewrite left unread (the float weight, a Gemm's C now in the kernel)."""
+        if value is not None and is_initializer(value) and not value.uses() and not value.is_graph_output():
+            release(value)
+            del g.initializers[value.name]
+
+    def _rewrite(self, g: ir.Graph, t: _Target, q: Quantized, bits: int, block: int) -> int:
+        """Replace ``t.node`` by its quantized form; returns the bytes of the new constants."""
         cfg: QuantizeWeightOnlyConfig = self.config  # type: ignore[assignment]
         node = t.node
-        base = node.name or node.output[0]
+        base = node.name or node.outputs[0].name
         sym = cfg.symmetric
+        wname = t.weight.name
         if t.form == "gather":
-            return self._gather(index, t, q, bits, block)
+            size = self._gather(g, t, q, bits, block)
+            self._drop(g, t.weight)
+            return size
         if t.form == "matmulnbits":
-            n, k = t.wt.shape
+            n, k = q.codes.shape[0], q.k
             packed = pack_bits(q.codes, bits)  # [N, k_blocks, blob]
             scales = q.scales
-            inputs = [node.input[0]]
             if node.op_type == "Gemm":
                 scales = (scales * np.float32(attr(node, "alpha", 1.0))).astype(np.float32)
-            b_name = index.add_initializer(packed, f"{t.weight}_q{bits}")
-            s_name = index.add_initializer(scales.reshape(-1), f"{t.weight}_scales")
-            inputs += [b_name, s_name]
+            inputs = [node.inputs[0], self._const(g, packed, f"{wname}_q{bits}"),
+                      self._const(g, scales.reshape(-1), f"{wname}_scales")]
             size = packed.nbytes + scales.nbytes
             if not sym:
                 zp = pack_bits(q.zero_points, bits).reshape(-1)
-                inputs.append(index.add_initializer(zp, f"{t.weight}_zero_points"))
+                inputs.append(self._const(g, zp, f"{wname}_zero_points"))
                 size += zp.nbytes
-            bias = self._gemm_bias(index, node, n) if node.op_type == "Gemm" else None
+            bias = self._gemm_bias(node, n) if node.op_type == "Gemm" else None
+            c_input = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
             if bias is not None:
                 if sym:
-                    inputs.append("")
-                inputs += ["", index.add_initializer(bias, f"{t.weight}_bias")]
+                    inputs.append(None)
+                inputs += [None, self._const(g, bias, f"{wname}_bias")]
                 size += bias.nbytes
-            new = helper.make_node("MatMulNBits", inputs, [node.output[0]], name=index.unique_name(base + MARK),
-                                   domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block,
-                                   accuracy_level=cfg.accuracy_level)
-            return [new], size
+            new = ir.node("MatMulNBits", inputs, {"K": k, "N": n, "bits": bits, "block_size": block,
+                                                  "accuracy_level": cfg.accuracy_level},
+                          domain=MS_DOMAIN, name=self.namer.unique(base + MARK))
+            replace_node(node, [new], list(new.outputs))
+            self._drop(g, t.weight)
+            self._drop(g, c_input)
+            return size
         # DequantizeLinear (opset 21) in the stored layout, blocked along t.k_axis
-        k = t.stored.shape[t.k_axis]
+        k = t.shape[t.k_axis]
         codes = q.codes.reshape(q.codes.shape[0], -1)[:, :k]  # [rows of wt, K]
         scales, zps = q.scales, q.zero_points
-        if t.stored.ndim == 2:
+        if len(t.shape) == 2:
             if t.k_axis == 0:  # stored [K, N]; wt [N, K]
                 codes, scales, zps = codes.T, scales.T, zps.T
         else:  # stored [..., K, N]; wt [(...) * N, K]
-            lead = t.stored.shape[:-2]
-            n = t.stored.shape[-1]
+            lead = t.shape[:-2]
+            n = t.shape[-1]
             codes = np.moveaxis(codes.reshape(*lead, n, k), -1, -2)
             scales = np.moveaxis(scales.reshape(*lead, n, -1), -1, -2)
             zps = np.moveaxis(zps.reshape(*lead, n, -1), -1, -2)
@@ -541,25 +577,23 @@ class QuantizeWeightOnly(ProtoPass):
         else:
             dtype = ml_dtypes.uint4 if bits == 4 else np.uint8
             data = codes.astype(dtype)
-        q_name = index.add_initializer(np.ascontiguousarray(data), f"{t.weight}_q{bits}")
-        s_name = index.add_initializer(np.ascontiguousarray(scales), f"{t.weight}_scales")
-        inputs = [q_name, s_name]
+        inputs = [self._const(g, data, f"{wname}_q{bits}"), self._const(g, scales, f"{wname}_scales")]
         size = (data.size * bits + 7) // 8 + scales.nbytes
         if not sym:
             z = np.ascontiguousarray(zps.astype(dtype))
-            inputs.append(index.add_initializer(z, f"{t.weight}_zero_points"))
+            inputs.append(self._const(g, z, f"{wname}_zero_points"))
             size += (z.size * bits + 7) // 8
-        deq = index.unique_name(f"{t.weight}_dequantized")
-        dq = helper.make_node("DequantizeLinear", inputs, [deq], name=index.unique_name(base + MARK + "/dq"),
-                              axis=t.k_axis, block_size=block)
-        new = onnx.NodeProto()
-        new.CopyFrom(node)
-        new.input[1] = deq
-        return [dq, new], size
+        dq = ir.node("DequantizeLinear", inputs, {"axis": t.k_axis, "block_size": block},
+                     name=self.namer.unique(base + MARK + "/dq"))
+        dq.outputs[0].name = self.namer.unique(f"{wname}_dequantized")
+        g.insert_before(node, dq)
+        node.replace_input_with(1, dq.outputs[0])
+        self._drop(g, t.weight)
+        return size
 
-    def _gather(self, index: GraphIndex, t: _Target, q: Quantized, bits: int, block: int):
+    def _gather(self, g: ir.Graph, t: _Target, q: Quantized, bits: int, block: int) -> int:
         node = t.node
-        base = node.name or node.output[0]
+        base = node.name or node.outputs[0].name
         sym = self.config.symmetric
         codes = q.codes.reshape(q.codes.shape[0], -1)  # [V, D] (D a multiple of block: no padding)
         mid = 1 << (bits - 1)
@@ -569,41 +603,33 @@ class QuantizeWeightOnly(ProtoPass):
         else:  # uint8 codes; the kernel's default zero point for uint8 is 128 = the symmetric middle
             data = codes.astype(np.uint8)
             zdtype = np.uint8
-        inputs = [index.add_initializer(data, f"{t.weight}_q{bits}"), node.input[1],
-                  index.add_initializer(q.scales, f"{t.weight}_scales")]
+        inputs = [self._const(g, data, f"{t.weight.name}_q{bits}"), node.inputs[1],
+                  self._const(g, q.scales, f"{t.weight.name}_scales")]
         size = (data.size * bits + 7) // 8 + q.scales.nbytes
         if not sym:
             z = q.zero_points.astype(zdtype)
-            inputs.append(index.add_initializer(z, f"{t.weight}_zero_points"))
+            inputs.append(self._const(g, z, f"{t.weight.name}_zero_points"))
             size += (z.size * bits + 7) // 8
-        new = helper.make_node("GatherBlockQuantized", inputs, [node.output[0]], name=index.unique_name(base + MARK),
-                               domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=block, bits=bits)
-        return [new], size
+        new = ir.node("GatherBlockQuantized", inputs, {"gather_axis": 0, "quantize_axis": 1, "block_size": block,
+                                                       "bits": bits},
+                      domain=MS_DOMAIN, name=self.namer.unique(base + MARK))
+        replace_node(node, [new], list(new.outputs))
+        return size
 
-    def _apply(self, index: GraphIndex, pending: dict[int, list[onnx.NodeProto]], dropped: set[str]) -> None:
-        g = index.graph
-        nodes = []
-        for n in g.node:
-            nodes.extend(pending.get(id(n), [n]))
-        del g.node[:]
-        g.node.extend(nodes)
-        index.refresh()
-        dead = {name for name in dropped if not index.uses(name) and not index.is_output(name)}
-        if dead:
-            keep = [t for t in g.initializer if t.name not in dead]
-            del g.initializer[:]
-            g.initializer.extend(keep)
-            keep_vi = [v for v in g.value_info if v.name not in dead]
-            del g.value_info[:]
-            g.value_info.extend(keep_vi)
-        index.refresh()
-
-    def _upgrade(self, model: onnx.ModelProto) -> onnx.ModelProto:
+    def _upgrade(self, model: ir.Model) -> ir.Model:
+        """The model at opset 21 (block-wise DequantizeLinear). onnx's version converter works on a whole
+        ``ModelProto``, so this rare path (rank-3 weights, Gemm with transA) holds the weights in memory."""
         from onnx import version_converter
 
+        from onnxopt.graph import clone_model
+        from onnxopt.model_io import from_proto, to_proto
+
+        proto = to_proto(ir.external_data.load_to_model(clone_model(model)))
         try:
-            return version_converter.convert_version(model, 21)
+            converted = version_converter.convert_version(proto, 21)
         except Exception as exc:  # noqa: BLE001 - name what failed in one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PreconditionError("block-wise DequantizeLinear needs opset 21; onnx.version_converter failed "
                                     f"to upgrade from {opset_version(model)}: {first}") from None
+        del proto
+        return from_proto(converted)
