@@ -159,9 +159,9 @@ def output_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
-def errors_vs_fp32(model: Path, outputs: list[Path], d: int) -> dict[Path, tuple[float, float]]:
-    """(max, mean) absolute error of each output against the fp32 model on 4 random rows, one model at a time
-    in a child process (so this process never holds two large sessions)."""
+def errors_vs_fp32(model: Path, outputs: list[Path], d: int) -> dict[Path, tuple[float, float, float]]:
+    """(max abs, mean abs, SQNR dB) error of each output against the fp32 model on 4 random rows, one model at
+    a time in a child process (so this process never holds two large sessions)."""
     x_path = model.parent / "check_x.npy"
     np.save(x_path, np.random.default_rng(1).standard_normal((4, d), dtype=np.float32))
     script = textwrap.dedent("""
@@ -181,7 +181,9 @@ def errors_vs_fp32(model: Path, outputs: list[Path], d: int) -> dict[Path, tuple
         r = subprocess.run([sys.executable, "-c", script, str(p), str(x_path), str(got_path)], capture_output=True)
         if r.returncode == 0:
             diff = np.abs(np.load(got_path).astype(np.float64) - ref)
-            found[p] = (float(diff.max()), float(diff.mean()))
+            noise = float(np.sum(diff * diff))
+            sqnr = 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise) if noise > 0 else float("inf")
+            found[p] = (float(diff.max()), float(diff.mean()), sqnr)
     return found
 
 
@@ -224,11 +226,12 @@ def main() -> None:
                 ratio = f"{wall / peers[what]:.2f}x"
             rows.append([label, what, tool, round(wall, 1) if code == 0 else f"failed ({code})", ratio,
                          f"{rss / 1e9:.2f}", f"{rss / wbytes:.2f}x", f"{output_bytes(path) / 1e9:.3f}",
-                         f"{err[0]:.3g}" if err else None, f"{err[1]:.3g}" if err else None])
+                         f"{err[0]:.3g}" if err else None, f"{err[1]:.3g}" if err else None,
+                         f"{err[2]:.1f}" if err else None])
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
     print(markdown_table(["model", "job", "tool", "wall s", "time vs peer", "peak RSS GB", "RSS / weights",
-                          "output GB", "max abs err vs fp32", "mean abs err"], rows))
+                          "output GB", "max abs err vs fp32", "mean abs err", "SQNR dB"], rows))
     cpu = detect_cpu()
     print(f"\nCPU: {platform.processor() or platform.machine()} ({_cpu_model()}), {cpu.describe()}, "
           f"{os.cpu_count()} cores; onnxruntime {_version('onnxruntime')}, onnx_ir {_version('onnx_ir')}, "

@@ -126,19 +126,29 @@ def qlimits(bits: int, symmetric: bool) -> tuple[int, int, int]:
     return 0, (1 << bits) - 1, 0
 
 
-def _range_params(w: np.ndarray, bits: int, symmetric: bool, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+def _extremes(w: np.ndarray, symmetric: bool) -> tuple[np.ndarray, ...]:
+    """Per block (last axis): (absmax,) when symmetric, else (min(w, 0), max(w, 0)), in float64."""
+    if symmetric:
+        return (np.abs(w).max(axis=-1).astype(np.float64),)
+    return np.minimum(w.min(axis=-1), 0).astype(np.float64), np.maximum(w.max(axis=-1), 0).astype(np.float64)
+
+
+def _params_from(extremes: tuple[np.ndarray, ...], bits: int, symmetric: bool,
+                 shrink: float) -> tuple[np.ndarray, np.ndarray]:
     lo, hi, mid = qlimits(bits, symmetric)
     if symmetric:
-        absmax = np.abs(w).max(axis=-1).astype(np.float64) * shrink
-        scale = (absmax / (mid - 1)).astype(np.float32)
+        scale = (extremes[0] * shrink / (mid - 1)).astype(np.float32)
         scale[scale == 0] = 1.0
         return scale, np.full(scale.shape, mid, dtype=np.int64)
-    rmin = np.minimum(w.min(axis=-1), 0).astype(np.float64) * shrink
-    rmax = np.maximum(w.max(axis=-1), 0).astype(np.float64) * shrink
+    rmin, rmax = extremes[0] * shrink, extremes[1] * shrink
     scale = ((rmax - rmin) / (hi - lo)).astype(np.float32)
     scale[scale == 0] = 1.0
     zp = np.clip(np.rint(lo - rmin / scale.astype(np.float64)), lo, hi).astype(np.int64)
     return scale, zp
+
+
+def _range_params(w: np.ndarray, bits: int, symmetric: bool, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+    return _params_from(_extremes(w, symmetric), bits, symmetric, shrink)
 
 
 def block_params(w: np.ndarray, bits: int, symmetric: bool, search: int = 0,
@@ -150,27 +160,48 @@ def block_params(w: np.ndarray, bits: int, symmetric: bool, search: int = 0,
     ``importance`` over the last axis, e.g. the input's second moments): clipping a few outliers buys
     finer steps for the rest, which matters at 4 bits.
     """
-    scale, zp = _range_params(w, bits, symmetric, 1.0)
+    extremes = _extremes(w, symmetric)
+    scale, zp = _params_from(extremes, bits, symmetric, 1.0)
     if not search:
         return scale, zp
-    wf = w.astype(np.float32)
-    imp = np.ones(w.shape[-1], np.float32) if importance is None else importance.astype(np.float32)
-
-    def err(s, z):
-        return (np.square(wf - dequantize_codes(quantize_codes(wf, s, z, bits, symmetric), s, z)) * imp).sum(-1)
-
-    best = err(scale, zp)
+    wf = np.asarray(w, dtype=np.float32)
+    imp = None if importance is None else importance.astype(np.float32)
+    lo, hi, _ = qlimits(bits, symmetric)
+    best = _block_error(wf, scale, zp, lo, hi, imp)
     for shrink in np.linspace(1.0, 0.75, search + 1)[1:]:
-        s, z = _range_params(w, bits, symmetric, float(shrink))
-        e = err(s, z)
+        s, z = _params_from(extremes, bits, symmetric, float(shrink))
+        e = _block_error(wf, s, z, lo, hi, imp)
         better = e < best
         scale, zp, best = np.where(better, s, scale), np.where(better, z, zp), np.where(better, e, best)
     return scale.astype(np.float32), zp
 
 
+def _block_error(wf: np.ndarray, scale: np.ndarray, zp: np.ndarray, lo: int, hi: int,
+                 imp: np.ndarray | None) -> np.ndarray:
+    """Squared rounding error per block, in float32 and in place: the same numbers as quantizing to integer
+    codes and back (the codes are small integers, exact in float32), at a fraction of the memory traffic."""
+    s = scale[..., None]
+    z = zp.astype(np.float32)[..., None]
+    q = wf / s
+    np.rint(q, out=q)
+    q += z
+    np.clip(q, lo, hi, out=q)
+    q -= z
+    q *= s
+    np.subtract(wf, q, out=q)
+    np.square(q, out=q)
+    if imp is not None:
+        q *= imp
+    return q.sum(-1)
+
+
 def quantize_codes(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
     lo, hi, _ = qlimits(bits, symmetric)
-    return np.clip(np.rint(w.astype(np.float32) / scale[..., None]) + zp[..., None], lo, hi).astype(np.int64)
+    q = np.asarray(w, dtype=np.float32) / scale[..., None]
+    np.rint(q, out=q)
+    q += zp.astype(np.float32)[..., None]
+    np.clip(q, lo, hi, out=q)
+    return q.astype(np.int64)
 
 
 def dequantize_codes(q: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
@@ -200,10 +231,42 @@ class Quantized:
 
 def rtn(wt: np.ndarray, bits: int, block: int, symmetric: bool, search: int = 0,
         hessian: np.ndarray | None = None) -> Quantized:
-    b = _blocked(wt.astype(np.float32), block)
+    return rtn_rows(wt, bits, block, symmetric, search, hessian)[0]
+
+
+# Rows quantized per piece: a piece's temporaries stay in cache, and pieces run on all cores (numpy releases the
+# GIL in its loops). Results are identical to one piece: every row's arithmetic is the same.
+RTN_ROWS = 64
+
+
+def rtn_rows(wt: np.ndarray, bits: int, block: int, symmetric: bool, search: int = 0,
+             hessian: np.ndarray | None = None, workers: int | None = None) -> tuple[Quantized, float]:
+    """``rtn`` piece by piece over the rows of ``wt`` ([N, K], any strides: a transposed memory map is read a
+    piece at a time), and the relative weight error ``||W - Q||_F / ||W||_F``."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    n, k = wt.shape
+    nb = -(-k // block)
     imp = None if hessian is None else _blocked(np.diag(hessian)[None, :], block)[0]
-    scale, zp = block_params(b, bits, symmetric, search, imp)
-    return Quantized(quantize_codes(b, scale, zp, bits, symmetric), scale, zp, wt.shape[1])
+    codes = np.empty((n, nb, block), dtype=np.int16)
+    scales = np.empty((n, nb), dtype=np.float32)
+    zps = np.empty((n, nb), dtype=np.int64)
+
+    def piece(r0: int) -> tuple[float, float]:
+        r1 = min(r0 + RTN_ROWS, n)
+        b = _blocked(np.asarray(wt[r0:r1], dtype=np.float32), block)
+        s, z = block_params(b, bits, symmetric, search, imp)
+        q = quantize_codes(b, s, z, bits, symmetric)
+        codes[r0:r1], scales[r0:r1], zps[r0:r1] = q, s, z
+        d = b.astype(np.float64) - dequantize_codes(q, s, z)
+        return float(np.sum(d * d)), float(np.sum(np.square(b, dtype=np.float64)))
+
+    workers = workers or min(os.cpu_count() or 1, 8)
+    with ThreadPoolExecutor(workers) as pool:
+        sums = list(pool.map(piece, range(0, n, RTN_ROWS)))
+    num, den = sum(x for x, _ in sums), sum(y for _, y in sums)
+    return Quantized(codes, scales, zps, k), float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def gptq(wt: np.ndarray, hessian: np.ndarray, bits: int, block: int, symmetric: bool, damping: float,
@@ -336,11 +399,15 @@ class _Target:
         return self.shape[-2] if self.layout == "batched" else self.shape[0]
 
     def matrix(self, w: np.ndarray) -> np.ndarray:
-        """The stored weight as [N, K] float32 (transB undone; alpha not applied)."""
+        """The stored weight as a contiguous [N, K] float32 (transB undone; alpha not applied)."""
+        return np.ascontiguousarray(self.matrix_view(w))
+
+    def matrix_view(self, w: np.ndarray) -> np.ndarray:
+        """The same [N, K] without copying where the layout allows (a transposed view)."""
         if self.layout == "same":
             return w
         if self.layout == "T":
-            return np.ascontiguousarray(w.T)
+            return w.T
         return np.moveaxis(w, -2, -1).reshape(-1, w.shape[-2])
 
 
@@ -403,16 +470,20 @@ class QuantizeWeightOnly(Pass):
         h = h if t.form != "gather" else None
         how = "gptq" if h is not None else "rtn"
         w = constant_value(t.weight)
-        wt = t.matrix(w)
-        q = gptq(wt, h, bits, block, cfg.symmetric, cfg.damping, cfg.clip_search) if how == "gptq" else \
-            rtn(wt, bits, block, cfg.symmetric, cfg.clip_search)
-        deq = q.dequantized()
+        if how == "gptq":
+            wt = t.matrix(w)
+            q = gptq(wt, h, bits, block, cfg.symmetric, cfg.damping, cfg.clip_search)
+            deq = q.dequantized()
+            weight_error, output_error = rel_error(wt, deq), rel_error(wt, deq, h)
+            del wt, deq
+        else:  # read piece by piece from the (memory-mapped) weight, no float copy of the whole matrix
+            q, weight_error = rtn_rows(t.matrix_view(w), bits, block, cfg.symmetric, cfg.clip_search)
+            output_error = None
         layer = LayerQuant(
             node=t.label, op_type=t.node.op_type, weight=t.weight.name, shape=list(t.shape), bits=bits,
-            block_size=block, method=how, format=t.form, weight_error=rel_error(wt, deq),
-            output_error=rel_error(wt, deq, h) if h is not None else None, bytes_before=int(w.nbytes),
-            bytes_after=0)
-        del w, wt, deq
+            block_size=block, method=how, format=t.form, weight_error=weight_error, output_error=output_error,
+            bytes_before=int(w.nbytes), bytes_after=0)
+        del w
         layer.bytes_after = self._rewrite(g, t, q, bits, block)
         return layer
 
