@@ -373,3 +373,24 @@ def replace_node(old: ir.Node, new_nodes: list[ir.Node], new_outputs: list[ir.Va
     graph = old.graph
     ir.convenience.replace_nodes_and_values(graph, old, [old], new_nodes, list(old.outputs[:len(new_outputs)]),
                                             new_outputs)
+
+
+def make_node(op_type: str, inputs: list[ir.Value | None], attributes: dict | None = None, *,
+              outputs: list[str] | None = None, domain: str = "", name: str | None = None) -> ir.Node:
+    """``ir.node`` whose outputs carry the given names (one unnamed output when ``outputs`` is None)."""
+    node = ir.node(op_type, inputs, attributes or {}, domain=domain, name=name,
+                   num_outputs=len(outputs) if outputs else 1)
+    for value, out_name in zip(node.outputs, outputs or [], strict=False):
+        value.name = out_name
+    return node
+
+
+def drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> bool:
+    """Remove an initializer nothing reads any more (releasing its lazily loaded data)."""
+    if value is None or not is_initializer(value) or value.uses() or value.is_graph_output():
+        return False
+    if value.name in graph.initializers and graph.initializers[value.name] is value:
+        release(value)
+        del graph.initializers[value.name]
+        return True
+    return False

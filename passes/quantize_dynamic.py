@@ -30,20 +30,29 @@ from typing import Literal
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper
 from pydantic import Field
 
+from onnxopt.activations import stream_activations
 from onnxopt.errors import OnnxoptError, PreconditionError
+from onnxopt.graph import (
+    Namer,
+    add_initializer,
+    attr,
+    constant_tensor,
+    constant_value,
+    drop_if_unused,
+    is_op,
+    make_node,
+    opset_version,
+    replace_node,
+)
 from onnxopt.isa import detect_cpu
-from onnxopt.legacy_graph import GraphIndex, attr, drop_value_info, eliminate, opset_version
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 from onnxopt.quant import quantize, weight_params
-from onnxopt.runtime import make_session, run_batch
-
-from .calibrate import exposed_model, limited_batches
 
 MS_DOMAIN = "com.microsoft"
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 # minilm_l6_sst2 (6-layer BERT, hidden 384) after transformer-fusion; sst2_dev (872 sentences, fp32 81.54 %);
 # onnxruntime 1.32, AMD EPYC AVX2 without VNNI (2026-12-03, 128 calibration sentences: SmoothQuant on).
@@ -171,13 +180,12 @@ def smoothing_factors(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.nd
     return np.clip(s, 1e-4, 1e4).astype(np.float32)
 
 
-def channel_maxima(model: onnx.ModelProto, tensors: list[str], source, batch_size: int,
+def channel_maxima(model: ir.Model, tensors: list[str], source, batch_size: int,
                    max_samples: int) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor over the calibration samples."""
-    session = make_session(exposed_model(model, tensors), opt_level="basic", what="model (smoothing calibration)")
     amax: dict[str, np.ndarray] = {}
-    for batch in limited_batches(source, batch_size, max_samples):
-        values = run_batch(session, batch, tensors)
+    for _, values in stream_activations(model, source, tensors, batch_size=batch_size, max_samples=max_samples,
+                                        what="model (smoothing calibration)"):
         for name, v in values.items():
             m = np.abs(v.reshape(-1, v.shape[-1])).max(axis=0)
             amax[name] = m if name not in amax else np.maximum(amax[name], m)
@@ -186,215 +194,213 @@ def channel_maxima(model: onnx.ModelProto, tensors: list[str], source, batch_siz
     return amax
 
 
-class QuantizeDynamic(ProtoPass):
+class QuantizeDynamic(Pass):
     name = "quantize-dynamic"
     summary = "Dynamic INT8: MatMul/Gemm/Attention weights int8 per channel, activations quantized at run time."
     Config = QuantizeDynamicConfig
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         cfg: QuantizeDynamicConfig = self.config
-        self._trimmed: dict[str, tuple[str, str]] = {}  # mask -> (trimmed mask, key count), shared by all layers
-        self._consts: dict[str, str] = {}
+        self._trimmed: dict[int, tuple[ir.Value, ir.Value]] = {}  # mask -> (trimmed mask, key count)
+        self._consts: dict[str, ir.Value] = {}
         self._shape_slices = opset_version(model) >= 15  # Shape(start, end) in the trimming
         scheme, reason = dynamic_scheme(cfg.scheme, cfg.cpu_flags)
         g = model.graph
-        index = GraphIndex(g)
+        self.graph = g
+        self.namer = Namer(g)
         counts: dict[str, int] = {}
         skipped_small = 0
-        targets = []
-        for node in g.node:
-            if node.name in cfg.exclude_nodes or node.op_type not in cfg.op_types or not node.output:
+        targets: list[ir.Node] = []
+        for node in g:
+            if (node.name or "") in cfg.exclude_nodes or node.op_type not in cfg.op_types or not node.outputs:
                 continue
-            w = index.constant(node.input[1]) if len(node.input) > 1 else None
-            if w is None or w.dtype != np.float32:
+            t = constant_tensor(node.inputs[1]) if len(node.inputs) > 1 else None
+            if t is None or t.dtype != ir.DataType.FLOAT:
                 continue
-            if w.size < cfg.min_weight_elements:
+            if t.size < cfg.min_weight_elements:
                 skipped_small += 1
                 continue
-            targets.append(node.output[0])
+            targets.append(node)
         smooth = cfg.smoothing == "on" or (cfg.smoothing == "auto" and self.context.calibration is not None)
         if smooth and targets:
             if self.context.calibration is None:
                 raise PreconditionError("smoothing: on needs calibration data (pass it with --calib)")
-            amax = channel_maxima(model, sorted({index.producer(t).input[0] for t in targets}),
-                                  self.context.calibration, cfg.batch_size, cfg.max_samples)
+            amax = channel_maxima(model, sorted({n.inputs[0].name for n in targets}), self.context.calibration,
+                                  cfg.batch_size, cfg.max_samples)
         else:
             amax = {}
-        # Rewrites rebuild the node list (detaching old references): find each node again by its output.
-        for out in targets:
-            node = index.producer(out)
-            w = index.constant(node.input[1])
-            a = amax.get(node.input[0])
-            if node.op_type == "Attention" and node.domain == MS_DOMAIN:
-                done = self._attention(index, node, w, scheme, cfg.attention, a, cfg.smooth_alpha,
-                                       cfg.trim_masked_keys)
-            elif node.domain in DEFAULT_DOMAINS and node.op_type in ("MatMul", "Gemm"):
-                done = self._matmul(index, node, w, scheme, a, cfg.smooth_alpha)
-            else:
-                done = None
-            if done:
-                counts[done] = counts.get(done, 0) + 1
+        with self.context.progress.task("quantize-dynamic", len(targets)) as bar:
+            for node in targets:  # one weight at a time: read, quantize, rewrite, drop the float weight
+                weight = node.inputs[1]
+                a = amax.get(node.inputs[0].name)
+                if is_op(node, "Attention", MS_DOMAIN):
+                    done = self._attention(node, constant_value(weight), scheme, cfg.attention, a, cfg.smooth_alpha,
+                                           cfg.trim_masked_keys)
+                elif is_op(node, ("MatMul", "Gemm")):
+                    done = self._matmul(node, constant_value(weight), scheme, a, cfg.smooth_alpha)
+                else:
+                    done = None
+                if done:
+                    counts[done] = counts.get(done, 0) + 1
+                    drop_if_unused(g, weight)
+                bar.update(1)
         if counts:
-            if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-                model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-            eliminate(g)
-            drop_value_info(g)
+            if MS_DOMAIN not in model.opset_imports:
+                model.opset_imports[MS_DOMAIN] = 1
+            from onnxopt.graph import ancestors, drop_unused_initializers
+
+            live = ancestors(g, g.outputs)
+            dead = [n for n in g if n not in live]
+            if dead:
+                g.remove(dead, safe=True)
+            drop_unused_initializers(g)
         details = {"scheme": scheme, "reason": reason, "quantized": counts, "skipped_small": skipped_small,
                    "smoothed": len(amax) > 0}
         return PassResult(model, bool(counts), details)
 
+    def _init(self, array: np.ndarray, base: str) -> ir.Value:
+        return add_initializer(self.graph, np.asarray(array), base, self.namer)
+
+    def _node(self, op: str, inputs: list, attributes: dict | None = None, *, outputs: list[str] | None = None,
+              domain: str = "", name: str) -> ir.Node:
+        return make_node(op, inputs, attributes, outputs=[self.namer.unique(o) for o in outputs] if outputs else None,
+                         domain=domain, name=self.namer.unique(name))
+
     # --- MatMul / Gemm -------------------------------------------------------------------
-    def _matmul(self, index: GraphIndex, node: onnx.NodeProto, w: np.ndarray, scheme: str,
-                amax: np.ndarray | None, alpha: float) -> str | None:
+    def _matmul(self, node: ir.Node, w: np.ndarray, scheme: str, amax: np.ndarray | None,
+                alpha: float) -> str | None:
         bias = None
         if node.op_type == "Gemm":
             if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 or w.ndim != 2:
                 return None
             if attr(node, "transB", 0):
                 w = w.T
-            if len(node.input) > 2 and node.input[2]:
-                c = index.constant(node.input[2])
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                c = constant_value(node.inputs[2])
                 if c is None or attr(node, "beta", 1.0) != 1.0 or c.size != w.shape[1]:
                     return None
                 bias = c.reshape(-1).astype(np.float32)
         elif w.ndim != 2:
             return None
-        base = node.name or node.output[0]
-        x, pre, w = self._smooth(index, node.input[0], w, amax, alpha, base)
+        base = node.name or node.outputs[0].name
+        x, pre, w = self._smooth(node.inputs[0], w, amax, alpha, base)
         q, scale, zp = quantize_weight(w, scheme)
-        inputs = [x, index.add_initializer(q, f"{base}_w_quantized"),
-                  index.add_initializer(scale, f"{base}_w_scale"), index.add_initializer(zp, f"{base}_w_zero_point")]
+        inputs = [x, self._init(q, f"{base}_w_quantized"), self._init(scale, f"{base}_w_scale"),
+                  self._init(zp, f"{base}_w_zero_point")]
         if bias is not None:
-            inputs.append(index.add_initializer(bias, f"{base}_bias"))
-        new = helper.make_node("DynamicQuantizeMatMul", inputs, list(node.output), domain=MS_DOMAIN,
-                               name=index.unique_name(f"{base}_quant"))
-        self._replace(index, node, pre + [new])
+            inputs.append(self._init(bias, f"{base}_bias"))
+        new = self._node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN, name=f"{base}_quant")
+        replace_node(node, pre + [new], [new.outputs[0]])
         return node.op_type
 
     # --- Attention -----------------------------------------------------------------------
-    def _attention(self, index: GraphIndex, node: onnx.NodeProto, w: np.ndarray, scheme: str,
-                   form: str, amax: np.ndarray | None, alpha: float, trim: bool) -> str | None:
-        extra = [a.name for a in node.attribute if a.name not in ("num_heads", "scale", "mask_filter_value")]
-        if extra or len(node.input) < 3 or len(node.output) != 1 or w.ndim != 2 or w.shape[1] % 3:
+    def _attention(self, node: ir.Node, w: np.ndarray, scheme: str, form: str, amax: np.ndarray | None,
+                   alpha: float, trim: bool) -> str | None:
+        extra = [name for name in node.attributes if name not in ("num_heads", "scale", "mask_filter_value")]
+        if extra or len(node.inputs) < 3 or len(node.outputs) != 1 or w.ndim != 2 or w.shape[1] % 3:
             return None  # past state, rotary, unidirectional, qkv_hidden_sizes: keep float
-        bias = index.constant(node.input[2])
-        mask = node.input[3] if len(node.input) > 3 else ""
-        if bias is None or (mask and not self._mask_2d(index, mask)):
+        bias = constant_value(node.inputs[2])
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        if bias is None or (mask is not None and not self._mask_2d(mask)):
             return None
-        base = node.name or node.output[0]
-        x, pre, w = self._smooth(index, node.input[0], w, amax, alpha, base)
+        base = node.name or node.outputs[0].name
+        x, pre, w = self._smooth(node.inputs[0], w, amax, alpha, base)
         q, scale, zp = quantize_weight(w, scheme)
         heads = attr(node, "num_heads")
-        keep = [a for a in node.attribute if a.name in ("scale", "mask_filter_value")]
+        keep = {k: attr(node, k) for k in ("scale", "mask_filter_value") if k in node.attributes}
         if form == "qattention":
-            xq, xs, xz = (index.unique_name(f"{base}_{s}") for s in ("input_quantized", "input_scale", "input_zp"))
-            dql = helper.make_node("DynamicQuantizeLinear", [x], [xq, xs, xz],
-                                   name=index.unique_name(f"{base}_quantize_input"))
-            qa = helper.make_node("QAttention", [xq, index.add_initializer(q, f"{base}_w_quantized"), node.input[2],
-                                                 xs, index.add_initializer(scale, f"{base}_w_scale"), mask, xz,
-                                                 index.add_initializer(zp, f"{base}_w_zero_point")],
-                                  list(node.output), domain=MS_DOMAIN, name=index.unique_name(f"{base}_quant"))
-            qa.attribute.extend(keep)
-            qa.attribute.append(helper.make_attribute("num_heads", heads))
-            self._replace(index, node, pre + [dql, qa])
+            dql = self._node("DynamicQuantizeLinear", [x], outputs=[f"{base}_input_quantized", f"{base}_input_scale",
+                                                                     f"{base}_input_zp"],
+                             name=f"{base}_quantize_input")
+            xq, xs, xz = dql.outputs
+            qa = self._node("QAttention", [xq, self._init(q, f"{base}_w_quantized"), node.inputs[2], xs,
+                                           self._init(scale, f"{base}_w_scale"), mask, xz,
+                                           self._init(zp, f"{base}_w_zero_point")],
+                            {**keep, "num_heads": heads}, domain=MS_DOMAIN, name=f"{base}_quant")
+            replace_node(node, pre + [dql, qa], [qa.outputs[0]])
             return "Attention"
         hidden = w.shape[1] // 3
-        qkv = index.unique_name(f"{base}_qkv")
-        mm = helper.make_node("DynamicQuantizeMatMul",
-                              [x, index.add_initializer(q, f"{base}_w_quantized"),
-                               index.add_initializer(scale, f"{base}_w_scale"),
-                               index.add_initializer(zp, f"{base}_w_zero_point")],
-                              [qkv], domain=MS_DOMAIN, name=index.unique_name(f"{base}_qkv_quant"))
-        parts = [index.unique_name(f"{base}_{p}") for p in ("q", "k", "v")]
-        split = helper.make_node("Split", [qkv, index.add_initializer(np.array([hidden] * 3, np.int64),
-                                                                       f"{base}_split")],
-                                 parts, axis=-1, name=index.unique_name(f"{base}_split"))
+        mm = self._node("DynamicQuantizeMatMul", [x, self._init(q, f"{base}_w_quantized"),
+                                                  self._init(scale, f"{base}_w_scale"),
+                                                  self._init(zp, f"{base}_w_zero_point")],
+                        outputs=[f"{base}_qkv"], domain=MS_DOMAIN, name=f"{base}_qkv_quant")
+        split = self._node("Split", [mm.outputs[0], self._init(np.array([hidden] * 3, np.int64), f"{base}_split")],
+                           {"axis": -1}, outputs=[f"{base}_{p}" for p in ("q", "k", "v")], name=f"{base}_split")
+        parts = list(split.outputs)
         new = pre + [mm, split]
-        if mask and trim and self._shape_slices:
-            mask, keys = self._trim_mask(index, mask, new)
+        if mask is not None and trim and self._shape_slices:
+            mask, keys = self._trim_mask(mask, new)
             for i in (1, 2):
-                sliced = index.unique_name(f"{parts[i]}_trimmed")
-                new.append(helper.make_node("Slice", [parts[i], self._const(index, [0], "trim_start"), keys,
-                                                      self._const(index, [1], "trim_axis")],
-                                            [sliced], name=index.unique_name(f"{base}_trim_{'kv'[i - 1]}")))
-                parts[i] = sliced
-        mha_inputs = parts + [node.input[2]]
-        if mask:
+                sl = self._node("Slice", [parts[i], self._const([0], "trim_start"), keys, self._const([1], "trim_axis")],
+                                outputs=[f"{parts[i].name}_trimmed"], name=f"{base}_trim_{'kv'[i - 1]}")
+                new.append(sl)
+                parts[i] = sl.outputs[0]
+        mha_inputs = parts + [node.inputs[2]]
+        if mask is not None:
             mha_inputs.append(mask)
-        mha = helper.make_node("MultiHeadAttention", mha_inputs, list(node.output), domain=MS_DOMAIN,
-                               name=index.unique_name(f"{base}_mha"))
-        mha.attribute.extend(keep)
-        mha.attribute.append(helper.make_attribute("num_heads", heads))
+        mha = self._node("MultiHeadAttention", mha_inputs, {**keep, "num_heads": heads}, domain=MS_DOMAIN,
+                         name=f"{base}_mha")
         new.append(mha)
-        self._replace(index, node, new)
+        replace_node(node, new, [mha.outputs[0]])
         return "Attention"
 
-    def _trim_mask(self, index: GraphIndex, mask: str, new: list[onnx.NodeProto]) -> tuple[str, str]:
+    def _trim_mask(self, mask: ir.Value, new: list[ir.Node]) -> tuple[ir.Value, ir.Value]:
         """(mask[:, :T], T as a [1] int64) with T = 1 + the last position any row attends to (at least 1).
         Appends the nodes to ``new`` the first time a mask is seen."""
-        if mask in self._trimmed:
-            return self._trimmed[mask]
-        n = {k: index.unique_name(f"{mask}_{k}") for k in
-             ("shape", "length", "length_1", "positions", "used", "last", "keys32", "keys", "trimmed")}
+        if id(mask) in self._trimmed:
+            return self._trimmed[id(mask)]
+        m = mask.name
 
         def node(op, inputs, out, **kw):
-            new.append(helper.make_node(op, inputs, [n[out]], name=index.unique_name(f"{mask}_{op}"), **kw))
+            n = self._node(op, inputs, kw or None, outputs=[f"{m}_{out}"], name=f"{m}_{op}")
+            new.append(n)
+            return n.outputs[0]
 
-        one = self._const(index, 1, "one", np.int32)
-        node("Shape", [mask], "shape", start=1, end=2)
-        node("Cast", [n["shape"]], "length", to=TensorProto.INT32)
-        node("Add", [n["length"], one], "length_1")
-        node("Range", [one, self._squeeze(index, n["length_1"], new), one], "positions")
-        node("Mul", [mask, n["positions"]], "used")  # 1-based position where attended, else 0
-        node("ReduceMax", [n["used"]], "last", keepdims=0)
-        node("Max", [n["last"], one], "keys32")
-        node("Cast", [n["keys32"]], "keys", to=TensorProto.INT64)
-        keys = index.unique_name(f"{mask}_key_count")
-        new.append(helper.make_node("Reshape", [n["keys"], self._const(index, [1], "one_dim")], [keys],
-                                    name=index.unique_name(f"{mask}_Reshape")))
-        new.append(helper.make_node("Slice", [mask, self._const(index, [0], "trim_start"), keys,
-                                              self._const(index, [1], "trim_axis")], [n["trimmed"]],
-                                    name=index.unique_name(f"{mask}_Slice")))
-        self._trimmed[mask] = (n["trimmed"], keys)
-        return self._trimmed[mask]
+        one = self._const(1, "one", np.int32)
+        shape = node("Shape", [mask], "shape", start=1, end=2)
+        length = node("Cast", [shape], "length", to=TensorProto.INT32)
+        length_1 = node("Add", [length, one], "length_1")
+        positions = node("Range", [one, self._squeeze(length_1, new), one], "positions")
+        used = node("Mul", [mask, positions], "used")  # 1-based position where attended, else 0
+        last = node("ReduceMax", [used], "last", keepdims=0)
+        keys32 = node("Max", [last, one], "keys32")
+        keys64 = node("Cast", [keys32], "keys", to=TensorProto.INT64)
+        reshape = self._node("Reshape", [keys64, self._const([1], "one_dim")], outputs=[f"{m}_key_count"],
+                             name=f"{m}_Reshape")
+        new.append(reshape)
+        keys = reshape.outputs[0]
+        trimmed = self._node("Slice", [mask, self._const([0], "trim_start"), keys, self._const([1], "trim_axis")],
+                             outputs=[f"{m}_trimmed"], name=f"{m}_Slice")
+        new.append(trimmed)
+        self._trimmed[id(mask)] = (trimmed.outputs[0], keys)
+        return self._trimmed[id(mask)]
 
-    @staticmethod
-    def _squeeze(index: GraphIndex, name: str, new: list[onnx.NodeProto]) -> str:
-        out = index.unique_name(f"{name}_scalar")
-        new.append(helper.make_node("Reshape", [name, index.add_initializer(np.array([], np.int64), "scalar_shape")],
-                                    [out], name=index.unique_name(f"{name}_Reshape")))
-        return out
+    def _squeeze(self, value: ir.Value, new: list[ir.Node]) -> ir.Value:
+        n = self._node("Reshape", [value, self._init(np.array([], np.int64), "scalar_shape")],
+                       outputs=[f"{value.name}_scalar"], name=f"{value.name}_Reshape")
+        new.append(n)
+        return n.outputs[0]
 
-    def _const(self, index: GraphIndex, value, base: str, dtype=np.int64) -> str:
+    def _const(self, value, base: str, dtype=np.int64) -> ir.Value:
         if base not in self._consts:
-            self._consts[base] = index.add_initializer(np.array(value, dtype), base)
+            self._consts[base] = self._init(np.array(value, dtype), base)
         return self._consts[base]
 
-    @staticmethod
-    def _smooth(index: GraphIndex, x: str, w: np.ndarray, amax: np.ndarray | None, alpha: float,
-                base: str) -> tuple[str, list[onnx.NodeProto], np.ndarray]:
+    def _smooth(self, x: ir.Value, w: np.ndarray, amax: np.ndarray | None, alpha: float,
+                base: str) -> tuple[ir.Value, list[ir.Node], np.ndarray]:
         """SmoothQuant: x @ w == (x / s) @ (s * w); s evens out per-channel activation and weight maxima so
         the per-tensor activation quantization is not set by a few outlier channels."""
         if amax is None or amax.shape != (w.shape[0],):
             return x, [], w
         s = smoothing_factors(amax, np.abs(w).max(axis=1), alpha)
-        out = index.unique_name(f"{base}_smoothed_input")
-        mul = helper.make_node("Mul", [x, index.add_initializer((1.0 / s).astype(np.float32), f"{base}_smooth_inverse")],
-                               [out], name=index.unique_name(f"{base}_smooth"))
-        return out, [mul], (w * s[:, None]).astype(np.float32)
+        mul = self._node("Mul", [x, self._init((1.0 / s).astype(np.float32), f"{base}_smooth_inverse")],
+                         outputs=[f"{base}_smoothed_input"], name=f"{base}_smooth")
+        return mul.outputs[0], [mul], (w * s[:, None]).astype(np.float32)
 
     @staticmethod
-    def _mask_2d(index: GraphIndex, name: str) -> bool:
+    def _mask_2d(value: ir.Value) -> bool:
         """MultiHeadAttention's key_padding_mask is an int32 [B, L] 0/1 mask, as transformer-fusion writes."""
-        node = index.producer(name)
-        return (node is not None and node.op_type == "Cast" and attr(node, "to") == TensorProto.INT32
-                and any(i.name == node.input[0] and len(i.type.tensor_type.shape.dim) == 2
-                        for i in index.graph.input))
-
-    @staticmethod
-    def _replace(index: GraphIndex, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
-        nodes = list(index.graph.node)
-        pos = next(i for i, n in enumerate(nodes) if n is old)
-        del index.graph.node[:]
-        index.graph.node.extend(nodes[:pos] + new + nodes[pos + 1:])
-        index.refresh()
+        node = value.producer()
+        src = node.inputs[0] if node is not None and node.inputs else None
+        return (is_op(node, "Cast") and attr(node, "to") == TensorProto.INT32 and src is not None
+                and src.is_graph_input() and src.shape is not None and len(src.shape) == 2)

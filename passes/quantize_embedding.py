@@ -17,15 +17,25 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
+import onnx_ir as ir
+from onnx import TensorProto
 from pydantic import Field
 
-from onnxopt.legacy_graph import GraphIndex, attr, drop_initializers, opset_version
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
+from onnxopt.graph import (
+    Namer,
+    add_initializer,
+    attr,
+    constant_tensor,
+    constant_value,
+    drop_if_unused,
+    is_initializer,
+    is_op,
+    make_node,
+    opset_version,
+    replace_node,
+)
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 from onnxopt.quant import quantize, weight_params
-
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 class QuantizeEmbeddingConfig(PassConfig):
@@ -34,52 +44,55 @@ class QuantizeEmbeddingConfig(PassConfig):
     exclude_tensors: list[str] = Field(default_factory=list, description="table initializers left in float")
 
 
-class QuantizeEmbedding(ProtoPass):
+class QuantizeEmbedding(Pass):
     name = "quantize-embedding"
     summary = "Store large Gather tables (word embeddings) as int8 with per-row scales; dequantize gathered rows."
     Config = QuantizeEmbeddingConfig
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         cfg: QuantizeEmbeddingConfig = self.config
         g = model.graph
-        index = GraphIndex(g)
+        namer = Namer(g)
         use_dq = opset_version(model) >= 21
-        tables: dict[str, tuple[str, str]] = {}
+        tables: dict[str, tuple[ir.Value, ir.Value, int]] = {}
+        originals: dict[str, ir.Value] = {}
         gathers = 0
-        for out in [n.output[0] for n in g.node if n.op_type == "Gather" and n.domain in DEFAULT_DOMAINS]:
-            node = index.producer(out)
-            name = node.input[0]
-            table = index.constant(name)
-            if (table is None or table.dtype != np.float32 or table.ndim != 2 or table.size < cfg.min_elements
-                    or attr(node, "axis", 0) != 0 or name in cfg.exclude_tensors or name not in index.initializers):
+        for node in [n for n in g if is_op(n, "Gather")]:
+            table_value = node.inputs[0]
+            t = constant_tensor(table_value)
+            name = table_value.name if table_value is not None else None
+            if (t is None or t.dtype != ir.DataType.FLOAT or len(t.shape) != 2 or t.size < cfg.min_elements
+                    or attr(node, "axis", 0) != 0 or name in cfg.exclude_tensors or not is_initializer(table_value)):
                 continue
             if name not in tables:
+                table = constant_value(table_value)
                 scale, _ = weight_params(table, "int8", axis=0, symmetric=True)
                 q = quantize(table, scale, 0, "int8", axis=0)
-                tables[name] = (index.add_initializer(q, f"{name}_quantized"),
-                                index.add_initializer(scale.reshape(-1, 1).astype(np.float32), f"{name}_row_scale"))
-            q_name, s_name = tables[name]
-            base = node.name or out
-            rows, scales = index.unique_name(f"{base}_rows_int8"), index.unique_name(f"{base}_row_scales")
-            new = [helper.make_node("Gather", [q_name, node.input[1]], [rows], axis=0,
-                                    name=index.unique_name(f"{base}_int8")),
-                   helper.make_node("Gather", [s_name, node.input[1]], [scales], axis=0,
-                                    name=index.unique_name(f"{base}_scales"))]
+                tables[name] = (add_initializer(g, q, f"{name}_quantized", namer),
+                                add_initializer(g, scale.reshape(-1, 1).astype(np.float32), f"{name}_row_scale",
+                                                namer), int(table.shape[1]))
+                originals[name] = table_value
+                del table, q
+            q_value, s_value, width = tables[name]
+            base = node.name or node.outputs[0].name
+            ids = node.inputs[1]
+            rows = make_node("Gather", [q_value, ids], {"axis": 0}, outputs=[namer.unique(f"{base}_rows_int8")],
+                             name=namer.unique(f"{base}_int8"))
+            scales = make_node("Gather", [s_value, ids], {"axis": 0}, outputs=[namer.unique(f"{base}_row_scales")],
+                               name=namer.unique(f"{base}_scales"))
+            new = [rows, scales]
             if use_dq:
-                new.append(helper.make_node("DequantizeLinear", [rows, scales], [out], axis=-1,
-                                            block_size=table.shape[1], name=index.unique_name(f"{base}_dequantize")))
+                last = make_node("DequantizeLinear", [rows.outputs[0], scales.outputs[0]],
+                                 {"axis": -1, "block_size": width}, name=namer.unique(f"{base}_dequantize"))
+                new.append(last)
             else:
-                as_float = index.unique_name(f"{base}_rows_float")
-                new += [helper.make_node("Cast", [rows], [as_float], to=TensorProto.FLOAT,
-                                         name=index.unique_name(f"{base}_cast")),
-                        helper.make_node("Mul", [as_float, scales], [out], name=index.unique_name(f"{base}_dequantize"))]
-            nodes = list(g.node)
-            pos = next(i for i, n in enumerate(nodes) if n is node)
-            del g.node[:]
-            g.node.extend(nodes[:pos] + new + nodes[pos + 1:])
-            index.refresh()
+                cast = make_node("Cast", [rows.outputs[0]], {"to": TensorProto.FLOAT},
+                                 outputs=[namer.unique(f"{base}_rows_float")], name=namer.unique(f"{base}_cast"))
+                last = make_node("Mul", [cast.outputs[0], scales.outputs[0]], name=namer.unique(f"{base}_dequantize"))
+                new += [cast, last]
+            replace_node(node, new, [last.outputs[0]])
             gathers += 1
-        if tables:
-            drop_initializers(g, set(tables))
+        for value in originals.values():
+            drop_if_unused(g, value)
         details = {"tables": sorted(tables), "gathers": gathers, "form": "DequantizeLinear" if use_dq else "Cast+Mul"}
         return PassResult(model, gathers > 0, details)

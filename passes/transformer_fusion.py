@@ -11,6 +11,10 @@ Two stages:
    becomes an ``Attention`` node with the Q/K/V weights packed into one [H, 3H] GEMM and the
    attention mask (a 2-D graph input) passed as ``mask_index``.
 
+Stage 1 is a protobuf boundary (the ORT optimizer takes a ``ModelProto`` with its weights); it is skipped
+when the graph holds nothing it could fuse (no Softmax, LayerNormalization or its ReduceMean form, Erf or
+Tanh), so a large non-transformer model is never materialized. Stage 2 works on the IR.
+
 The fused model is run against the original on a few inputs (the calibration data when given,
 otherwise synthetic token ids with padded masks) and refused beyond ``max_abs_error``. One
 difference is deliberate: a row whose keys are *all* masked (an all-zero attention mask) gives
@@ -23,16 +27,19 @@ import logging
 from typing import Literal
 
 import numpy as np
-import onnx
-from onnx import helper
+import onnx_ir as ir
 from pydantic import Field
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.legacy_graph import GraphIndex, attr, drop_value_info, eliminate
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
+from onnxopt.graph import Namer, add_initializer, attr, clone_model, constant_value, is_op
+from onnxopt.model_io import from_proto, to_proto
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 from onnxopt.runtime import make_session, ort_version, run_batch
 
 MS_DOMAIN = "com.microsoft"
+# Ops the BERT optimizer's fusions start from; without any of them it has nothing to do.
+_ORT_FUSION_SEEDS = frozenset({"Softmax", "LayerNormalization", "ReduceMean", "Erf", "Tanh", "Gelu",
+                               "SkipLayerNormalization", "FastGelu"})
 
 
 class TransformerFusionConfig(PassConfig):
@@ -51,33 +58,36 @@ class TransformerFusionConfig(PassConfig):
     verify_samples: int = Field(8, ge=0, description="samples compared with the original (0: no check)")
 
 
-class TransformerFusion(ProtoPass):
+class TransformerFusion(Pass):
     name = "transformer-fusion"
     summary = "Fuse BERT-family attention, GELU, (Skip)LayerNorm and bias adds into ONNX Runtime contrib ops."
     Config = TransformerFusionConfig
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         cfg: TransformerFusionConfig = self.config
         details: dict = {"ort_version": ort_version()}
+        before = _op_counts(model)
+        if not any(n.op_type in _ORT_FUSION_SEEDS for n in model.graph):
+            details["skipped"] = "no attention, normalization or GELU pattern in the graph"
+            return PassResult(model, False, details)
+        original = clone_model(model) if cfg.verify_samples else None  # the graph; tensors shared
         fused = model
         if cfg.use_ort_optimizer:
             fused, stats = _ort_fusions(model, cfg)
             details["ort_fusions"] = stats
-        else:
-            fused = onnx.ModelProto()
-            fused.CopyFrom(model)
         n_attention = fuse_sdpa_attention(fused, cfg.num_heads)
         details["sdpa_attention"] = n_attention
-        _ensure_ms_opset(fused)
-        eliminate(fused.graph)
-        drop_value_info(fused.graph)
-        before, after = _op_counts(model), _op_counts(fused)
-        modified = before != after
+        if any(n.domain == MS_DOMAIN for n in fused.graph) and MS_DOMAIN not in fused.opset_imports:
+            fused.opset_imports[MS_DOMAIN] = 1
+        _eliminate(fused.graph)
+        modified = before != _op_counts(fused)
         if modified and cfg.verify_samples:
-            details["max_abs_error"] = self._verify(model, fused, cfg)
-        return PassResult(fused if modified else model, modified, details)
+            details["max_abs_error"] = self._verify(original, fused, cfg)
+        if not modified:
+            return PassResult(model, False, details)
+        return PassResult(fused, True, details)
 
-    def _verify(self, original: onnx.ModelProto, fused: onnx.ModelProto, cfg: TransformerFusionConfig) -> float:
+    def _verify(self, original: ir.Model, fused: ir.Model, cfg: TransformerFusionConfig) -> float:
         feeds = _verify_feeds(original, self.context.calibration, cfg.verify_samples)
         ref = make_session(original, opt_level="disable", what="original model (fusion check)")
         new = make_session(fused, opt_level="disable", what="fused model (fusion check)")
@@ -95,67 +105,83 @@ class TransformerFusion(ProtoPass):
         return worst
 
 
-# --- stage 1: onnxruntime.transformers ------------------------------------------------------
-def _ort_fusions(model: onnx.ModelProto, cfg: TransformerFusionConfig) -> tuple[onnx.ModelProto, dict]:
+def _eliminate(graph: ir.Graph) -> None:
+    from onnxopt.graph import ancestors, drop_unused_initializers
+
+    live = ancestors(graph, graph.outputs)
+    dead = [n for n in graph if n not in live]
+    if dead:
+        graph.remove(dead, safe=True)
+    drop_unused_initializers(graph)
+
+
+# --- stage 1: onnxruntime.transformers (a protobuf boundary) ------------------------------------
+def _ort_fusions(model: ir.Model, cfg: TransformerFusionConfig) -> tuple[ir.Model, dict]:
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(cfg.model_type)
     options.enable_embed_layer_norm = cfg.embed_layer_norm
     options.enable_shape_inference = cfg.ort_shape_inference
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    inputs = [i.name for i in model.graph.inputs]
+    # The optimizer needs the weights in the protobuf; it is handed this one copy and edits it in place.
+    work = clone_model(model)
+    if any(isinstance(v.const_value, ir.ExternalTensor) for v in work.graph.initializers.values()):
+        work = ir.external_data.load_to_model(work)
+    proto = to_proto(work)
+    del work
     # The optimizer logs fusions and skipped checks at INFO/WARNING through loggers named after its modules
     # (imported top-level, e.g. "fusion_skiplayernorm"): silence WARNING and below for the call only.
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.WARNING))
     try:
-        opt = optimizer.optimize_model(work, model_type=cfg.model_type, num_heads=cfg.num_heads,
+        opt = optimizer.optimize_model(proto, model_type=cfg.model_type, num_heads=cfg.num_heads,
                                        hidden_size=cfg.hidden_size, optimization_options=options, opt_level=0)
     finally:
         logging.disable(previous)
     stats = {k: int(v) for k, v in sorted(opt.get_fused_operator_statistics().items()) if v}
-    fused = opt.model
+    fused = from_proto(opt.model)
     # The optimizer prunes graph inputs nothing reads; the model's interface must not change.
-    if [i.name for i in fused.graph.input] != [i.name for i in model.graph.input]:
-        del fused.graph.input[:]
-        fused.graph.input.extend(model.graph.input)
+    if [i.name for i in fused.graph.inputs] != inputs:
+        by_name = {i.name: i for i in fused.graph.inputs}
+        originals = {i.name: i for i in model.graph.inputs}
+        fused.graph.inputs.clear()
+        for name in inputs:
+            if name in by_name:
+                fused.graph.inputs.append(by_name[name])
+            else:
+                src = originals[name]
+                fused.graph.inputs.append(ir.Value(name=name, type=src.type, shape=src.shape))
     return fused, stats
 
 
-def _ensure_ms_opset(model: onnx.ModelProto) -> None:
-    if any(n.domain == MS_DOMAIN for n in model.graph.node) and not any(
-            o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+def _op_counts(model: ir.Model) -> list[tuple[str, str]]:
+    return sorted((n.domain, n.op_type) for n in model.graph)
 
 
-def _op_counts(model: onnx.ModelProto) -> list[tuple[str, str]]:
-    return sorted((n.domain, n.op_type) for n in model.graph.node)
-
-
-# --- stage 2: SDPA-style attention ----------------------------------------------------------
-def _verify_feeds(model: onnx.ModelProto, calibration, n: int) -> list[dict[str, np.ndarray]]:
+# --- stage 2: SDPA-style attention (on the IR) ---------------------------------------------------
+def _verify_feeds(model: ir.Model, calibration, n: int) -> list[dict[str, np.ndarray]]:
     """The first ``n`` calibration samples, or synthetic ones: 2-D int inputs that index a constant
     table (token ids) get random rows of it, other 2-D int inputs (attention masks) hold 1 up to a
     random length per row and 0 after it, and token ids are 0 where the mask is."""
     if calibration is not None:
         return [next(iter(calibration.batches(n)))]
     rng = np.random.default_rng(0)
-    index = GraphIndex(model.graph)
     rows: dict[str, int] = {}
-    for node in model.graph.node:
-        if _is(node, "Gather") and len(node.input) > 1 and attr(node, "axis", 0) == 0:
-            table = index.constant(node.input[0])
-            if table is not None and table.ndim >= 1:
-                rows[node.input[1]] = min(rows.get(node.input[1], table.shape[0]), table.shape[0])
+    for node in model.graph:
+        if is_op(node, "Gather") and len(node.inputs) > 1 and attr(node, "axis", 0) == 0:
+            table = node.inputs[0].shape if node.inputs[0] is not None and node.inputs[0].const_value is not None \
+                else None
+            ids = node.inputs[1]
+            if table is not None and len(table) >= 1 and ids is not None and isinstance(table[0], int):
+                rows[ids.name] = min(rows.get(ids.name, table[0]), table[0])
     feed: dict[str, np.ndarray] = {}
     valid = None
-    for inp in model.graph.input:
-        if inp.name in index.initializers:
+    for inp in model.graph.inputs:
+        if inp.is_initializer():
             continue
-        t = inp.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else (n if k == 0 else 16) for k, d in enumerate(t.shape.dim)]
-        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        shape = [d if isinstance(d, int) and d > 0 else (n if k == 0 else 16) for k, d in enumerate(inp.shape or [])]
+        dtype = np.dtype(inp.dtype.numpy())
         if dtype.kind == "f":
             feed[inp.name] = rng.standard_normal(shape).astype(dtype)
         elif len(shape) != 2:
@@ -169,226 +195,216 @@ def _verify_feeds(model: onnx.ModelProto, calibration, n: int) -> list[dict[str,
     return [feed]
 
 
-def _is(node, op: str) -> bool:
-    return node is not None and node.op_type == op and node.domain in ("", "ai.onnx")
-
-
-def _scalar(index: GraphIndex, name: str) -> float | None:
-    value = index.constant(name)
-    if value is None or value.size != 1 or value.dtype.kind != "f":
+def _scalar(value: ir.Value | None) -> float | None:
+    v = constant_value(value)
+    if v is None or v.size != 1 or v.dtype.kind != "f":
         return None
-    return float(value.reshape(()))
+    return float(v.reshape(()))
 
 
-def _strip_scale(index: GraphIndex, name: str) -> tuple[str, float]:
+def _strip_scale(value: ir.Value) -> tuple[ir.Value, float]:
     """Follow ``Mul(x, c)`` / ``Div(x, c)`` by a constant scalar back to x; returns (x, factor)."""
-    node = index.producer(name)
-    if _is(node, "Mul") or _is(node, "Div"):
-        for pos in (1, 0) if _is(node, "Mul") else (1,):
-            c = _scalar(index, node.input[pos])
+    node = value.producer()
+    if is_op(node, ("Mul", "Div")):
+        for pos in (1, 0) if is_op(node, "Mul") else (1,):
+            c = _scalar(node.inputs[pos])
             if c is not None and c != 0:
-                return node.input[1 - pos], (c if _is(node, "Mul") else 1.0 / c)
-    return name, 1.0
+                return node.inputs[1 - pos], (c if is_op(node, "Mul") else 1.0 / c)
+    return value, 1.0
 
 
-def _transposed(index: GraphIndex, name: str, perm: list[int]) -> str | None:
-    node = index.producer(name)
-    if _is(node, "Transpose") and list(attr(node, "perm", [])) == perm:
-        return node.input[0]
+def _transposed(value: ir.Value | None, perm: list[int]) -> ir.Value | None:
+    node = value.producer() if value is not None else None
+    if is_op(node, "Transpose") and list(attr(node, "perm", [])) == perm:
+        return node.inputs[0]
     return None
 
 
-def _head_size(index: GraphIndex, reshape: onnx.NodeProto) -> int | None:
+def _head_size(reshape: ir.Node) -> int | None:
     """Last dim of a [B, L, heads, head_size] Reshape target (a constant or a Concat ending in one)."""
-    shape = index.constant(reshape.input[1])
+    shape = constant_value(reshape.inputs[1])
     if shape is not None:
         return int(shape.reshape(-1)[-1]) if shape.size == 4 and shape.reshape(-1)[-1] > 0 else None
-    concat = index.producer(reshape.input[1])
-    if _is(concat, "Concat") and len(concat.input) == 4:
-        last = index.constant(concat.input[-1])
+    concat = reshape.inputs[1].producer()
+    if is_op(concat, "Concat") and len(concat.inputs) == 4:
+        last = constant_value(concat.inputs[-1])
         if last is not None and last.size == 1 and int(last.reshape(-1)[0]) > 0:
             return int(last.reshape(-1)[0])
     return None
 
 
-def _projection(index: GraphIndex, heads_name: str) -> tuple[str, np.ndarray, np.ndarray, int] | None:
+def _projection(heads: ir.Value) -> tuple[ir.Value, np.ndarray, np.ndarray, int] | None:
     """``Reshape(Add(MatMul(x, W), b))`` -> (x, W, b, head_size)."""
-    reshape = index.producer(heads_name)
-    if not _is(reshape, "Reshape"):
+    reshape = heads.producer()
+    if not is_op(reshape, "Reshape"):
         return None
-    add = index.producer(reshape.input[0])
-    if not _is(add, "Add"):
+    add = reshape.inputs[0].producer()
+    if not is_op(add, "Add"):
         return None
     for pos in (0, 1):
-        mm = index.producer(add.input[1 - pos])
-        bias = index.constant(add.input[pos])
-        if _is(mm, "MatMul") and bias is not None and bias.ndim == 1:
-            w = index.constant(mm.input[1])
-            size = _head_size(index, reshape)
+        mm = add.inputs[1 - pos].producer()
+        bias = constant_value(add.inputs[pos])
+        if is_op(mm, "MatMul") and bias is not None and bias.ndim == 1:
+            w = constant_value(mm.inputs[1])
+            size = _head_size(reshape)
             if w is None or w.ndim != 2 or w.dtype != np.float32 or size is None or bias.shape[0] != w.shape[1]:
                 return None
-            return mm.input[0], w, bias.astype(np.float32), size
+            return mm.inputs[0], w, bias.astype(np.float32), size
     return None
 
 
-def _mask_input(index: GraphIndex, add_term: str) -> str | None:
+def _mask_input(add_term: ir.Value) -> ir.Value | None:
     """The 2-D graph input behind ``Where(mask, 0, -inf)``, if the additive term is that."""
-    where = index.producer(add_term)
-    if not _is(where, "Where"):
+    where = add_term.producer()
+    if not is_op(where, "Where"):
         return None
-    keep, drop = index.constant(where.input[1]), index.constant(where.input[2])
+    keep, drop = constant_value(where.inputs[1]), constant_value(where.inputs[2])
     if keep is None or drop is None or keep.size != 1 or drop.size != 1:
         return None
     if float(keep.reshape(())) != 0.0 or not float(drop.reshape(())) <= -1e4:
         return None
-    sources: set[str] = set()
-    seen: set[str] = set()
-    stack = [where.input[0]]
+    sources: dict[int, ir.Value] = {}
+    seen: set[int] = set()
+    stack = [where.inputs[0]]
     while stack:
-        name = stack.pop()
-        if name in seen:
+        v = stack.pop()
+        if v is None or id(v) in seen:
             continue
-        seen.add(name)
-        if name in index.graph_inputs:
-            sources.add(name)
+        seen.add(id(v))
+        if v.is_graph_input():
+            sources[id(v)] = v
             continue
-        node = index.producer(name)
+        node = v.producer()
         if node is not None and node.op_type not in ("Shape", "Size"):  # only shapes flow out of these
-            stack.extend(x for x in node.input if x)
+            stack.extend(x for x in node.inputs if x is not None)
     if len(sources) != 1:
         return None
-    return sources.pop()
+    return next(iter(sources.values()))
 
 
-def _input_rank2_int(graph: onnx.GraphProto, name: str) -> bool:
-    for i in graph.input:
-        if i.name == name:
-            t = i.type.tensor_type
-            return len(t.shape.dim) == 2 and t.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32,
-                                                             onnx.TensorProto.BOOL, onnx.TensorProto.FLOAT)
-    return False
+def _input_rank2_int(value: ir.Value) -> bool:
+    return (value.shape is not None and len(value.shape) == 2
+            and value.dtype in (ir.DataType.INT64, ir.DataType.INT32, ir.DataType.BOOL, ir.DataType.FLOAT))
 
 
-def fuse_sdpa_attention(model: onnx.ModelProto, num_heads: int = 0) -> int:
+def fuse_sdpa_attention(model: ir.Model, num_heads: int = 0) -> int:
     """Replace each SDPA-export attention block by one com.microsoft Attention; returns how many."""
     g = model.graph
-    index = GraphIndex(g)
-    mask_casts: dict[str, str] = {}
+    namer = Namer(g)
+    mask_casts: dict[int, ir.Value] = {}
     fused = 0
-    for softmax in [n for n in g.node if _is(n, "Softmax")]:
-        block = _match_block(index, softmax)
+    for softmax in [n for n in g if is_op(n, "Softmax")]:
+        block = _match_block(softmax)
         if block is None:
             continue
         x, w, b, head, out, mask, scale = block
         heads = num_heads or w.shape[1] // 3 // head
         if heads * head * 3 != w.shape[1]:
             continue
-        inputs = [x, index.add_initializer(w, f"{out}_qkv_weight"), index.add_initializer(b, f"{out}_qkv_bias")]
-        new_nodes = []
+        name = out.name
+        inputs = [x, add_initializer(g, w, f"{name}_qkv_weight", namer),
+                  add_initializer(g, b, f"{name}_qkv_bias", namer)]
         if mask is not None:
-            if mask not in mask_casts:
-                cast_out = index.unique_name(f"{mask}_int32")
-                new_nodes.append(helper.make_node("Cast", [mask], [cast_out], to=onnx.TensorProto.INT32,
-                                                  name=index.unique_name(f"{mask}_to_int32")))
-                mask_casts[mask] = cast_out
-            inputs.append(mask_casts[mask])
-        # The Attention takes over the block's output name (it may be a graph output); the old tail
-        # is renamed and left for dead-code removal.
-        tail = index.producer(out)
-        tail.output[0] = index.unique_name(f"{out}_unfused")
-        new_nodes.append(helper.make_node("Attention", inputs, [out], domain=MS_DOMAIN,
-                                          name=index.unique_name(f"Attention_{fused}"),
-                                          num_heads=heads, scale=float(scale)))
-        index.insert_before(tail, new_nodes)
+            if id(mask) not in mask_casts:
+                cast = ir.node("Cast", [mask], {"to": int(ir.DataType.INT32)}, name=namer.unique(f"{mask.name}_to_int32"))
+                cast.outputs[0].name = namer.unique(f"{mask.name}_int32")
+                g.insert_before(g.node(0), cast)  # the Cast of a graph input goes first
+                mask_casts[id(mask)] = cast.outputs[0]
+            inputs.append(mask_casts[id(mask)])
+        tail = out.producer()
+        attention = ir.node("Attention", inputs, {"num_heads": heads, "scale": float(scale)}, domain=MS_DOMAIN,
+                            name=namer.unique(f"Attention_{fused}"))
+        g.insert_before(tail, attention)
+        # The Attention takes over the block's output (and its name: it may be a graph output); the old
+        # tail is left for dead-code removal.
+        new_out = attention.outputs[0]
+        out.replace_all_uses_with(new_out, replace_graph_outputs=True)
+        out.name = namer.unique(f"{name}_unfused")
+        new_out.name = name
+        new_out.type, new_out.shape = out.type, out.shape
         fused += 1
-    if mask_casts:
-        # The Cast of a graph input must come first: move them to the top.
-        casts = [n for n in g.node if n.op_type == "Cast" and n.output[0] in mask_casts.values()]
-        rest = [n for n in g.node if n.op_type != "Cast" or n.output[0] not in mask_casts.values()]
-        del g.node[:]
-        g.node.extend(casts + rest)
     return fused
 
 
-def _rank4_target(index: GraphIndex, reshape: onnx.NodeProto) -> bool:
-    shape = index.constant(reshape.input[1])
+def _rank4_target(reshape: ir.Node) -> bool:
+    shape = constant_value(reshape.inputs[1])
     if shape is not None:
         return shape.size == 4
-    concat = index.producer(reshape.input[1])
-    return _is(concat, "Concat") and len(concat.input) == 4
+    concat = reshape.inputs[1].producer()
+    return is_op(concat, "Concat") and len(concat.inputs) == 4
 
 
-def _data_use(index: GraphIndex, name: str) -> onnx.NodeProto | None:
-    """The one consumer of ``name`` apart from Shape nodes (exports read shapes off intermediate values
+def _data_use(value: ir.Value) -> ir.Node | None:
+    """The one consumer of ``value`` apart from Shape nodes (exports read shapes off intermediate values
     to build Reshape targets; those chains die with the block)."""
-    if index.is_output(name):
+    if value.is_graph_output():
         return None
-    uses = [u for u in index.uses(name) if not _is(u, "Shape")]
+    uses = [u for u in value.consumers() if not is_op(u, "Shape")]
     return uses[0] if len(uses) == 1 else None
 
 
-def _match_block(index: GraphIndex, softmax: onnx.NodeProto):
+def _match_block(softmax: ir.Node):
     """(x, W_qkv, b_qkv, head_size, output, mask input or None, scale) for one attention block."""
     if attr(softmax, "axis", -1) not in (-1, 3):
         return None
-    probs = softmax.output[0]
-    uses = index.uses(probs)
+    probs = softmax.outputs[0]
+    uses = list(probs.consumers())
     # Where(IsNaN(p), 0, p): the export's guard for fully masked rows.
     if len(uses) == 2 and {u.op_type for u in uses} == {"IsNaN", "Where"}:
         where = next(u for u in uses if u.op_type == "Where")
         isnan = next(u for u in uses if u.op_type == "IsNaN")
-        zero = index.constant(where.input[1])
-        if (where.input[0] != isnan.output[0] or where.input[2] != probs or zero is None or zero.size != 1
-                or float(zero.reshape(())) != 0.0):
+        zero = constant_value(where.inputs[1])
+        if (where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs or zero is None
+                or zero.size != 1 or float(zero.reshape(())) != 0.0):
             return None
-        probs = where.output[0]
-        uses = index.uses(probs)
-    if len(uses) != 1 or not _is(uses[0], "MatMul") or uses[0].input[0] != probs:
+        probs = where.outputs[0]
+        uses = list(probs.consumers())
+    if len(uses) != 1 or not is_op(uses[0], "MatMul") or uses[0].inputs[0] is not probs:
         return None
     pv = uses[0]
-    v_heads = _transposed(index, pv.input[1], [0, 2, 1, 3])
-    tail_t = _data_use(index, pv.output[0])
-    if _is(tail_t, "Reshape") and _rank4_target(index, tail_t):
+    v_heads = _transposed(pv.inputs[1], [0, 2, 1, 3])
+    tail_t = _data_use(pv.outputs[0])
+    if is_op(tail_t, "Reshape") and _rank4_target(tail_t):
         # [B, -1, L, head] of a [B, heads, L, head] value: a no-op reshape the export leaves in
-        tail_t = _data_use(index, tail_t.output[0])
-    if v_heads is None or not _is(tail_t, "Transpose") or list(attr(tail_t, "perm", [])) != [0, 2, 1, 3]:
+        tail_t = _data_use(tail_t.outputs[0])
+    if v_heads is None or not is_op(tail_t, "Transpose") or list(attr(tail_t, "perm", [])) != [0, 2, 1, 3]:
         return None
-    tail_r = _data_use(index, tail_t.output[0])
-    if not _is(tail_r, "Reshape"):
+    tail_r = _data_use(tail_t.outputs[0])
+    if not is_op(tail_r, "Reshape"):
         return None
     # scores (+ mask) -> softmax
-    scores, mask = softmax.input[0], None
-    add = index.producer(scores)
-    if _is(add, "Add"):
+    scores, mask = softmax.inputs[0], None
+    add = scores.producer()
+    if is_op(add, "Add"):
         for pos in (0, 1):
-            mask = _mask_input(index, add.input[pos])
+            mask = _mask_input(add.inputs[pos])
             if mask is not None:
-                scores = add.input[1 - pos]
+                scores = add.inputs[1 - pos]
                 break
         else:
             return None
-        if not _input_rank2_int(index.graph, mask):
+        if not _input_rank2_int(mask):
             return None
-    scores, post = _strip_scale(index, scores)
-    qk = index.producer(scores)
-    if not _is(qk, "MatMul"):
+    scores, post = _strip_scale(scores)
+    qk = scores.producer()
+    if not is_op(qk, "MatMul"):
         return None
-    q_in, q_scale = _strip_scale(index, qk.input[0])
-    k_in, k_scale = _strip_scale(index, qk.input[1])
-    q_heads = _transposed(index, q_in, [0, 2, 1, 3])
-    k_heads = _transposed(index, k_in, [0, 2, 3, 1])
+    q_in, q_scale = _strip_scale(qk.inputs[0])
+    k_in, k_scale = _strip_scale(qk.inputs[1])
+    q_heads = _transposed(q_in, [0, 2, 1, 3])
+    k_heads = _transposed(k_in, [0, 2, 3, 1])
     if k_heads is None:  # K transposed to heads, then its last two axes swapped
-        inner = _transposed(index, k_in, [0, 1, 3, 2])
-        k_heads = _transposed(index, inner, [0, 2, 1, 3]) if inner else None
+        inner = _transposed(k_in, [0, 1, 3, 2])
+        k_heads = _transposed(inner, [0, 2, 1, 3]) if inner is not None else None
     if q_heads is None or k_heads is None:
         return None
-    parts = [_projection(index, name) for name in (q_heads, k_heads, v_heads)]
+    parts = [_projection(v) for v in (q_heads, k_heads, v_heads)]
     if any(p is None for p in parts):
         return None
     (xq, wq, bq, hq), (xk, wk, bk, hk), (xv, wv, bv, hv) = parts
-    if not (xq == xk == xv and hq == hk == hv and wq.shape == wk.shape == wv.shape and wq.shape[0] == wq.shape[1]):
+    if not (xq is xk is xv and hq == hk == hv and wq.shape == wk.shape == wv.shape and wq.shape[0] == wq.shape[1]):
         return None
     w = np.concatenate([wq, wk, wv], axis=1)
     b = np.concatenate([bq, bk, bv])
     scale = q_scale * k_scale * post
-    return xq, w, b, hq, tail_r.output[0], mask, scale
+    return xq, w, b, hq, tail_r.outputs[0], mask, scale

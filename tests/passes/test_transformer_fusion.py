@@ -6,7 +6,11 @@ from onnx import helper
 from onnxopt.passes.transformer_fusion import TransformerFusion, TransformerFusionConfig
 
 from onnxopt.errors import PassError
-from onnxopt.legacy_graph import attr
+
+
+def attr(node, name):
+    return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -92,8 +96,8 @@ def test_fusion_that_changes_outputs_is_refused(monkeypatch):
 
     real = tf._match_block
 
-    def wrong_scale(index, softmax):
-        block = real(index, softmax)
+    def wrong_scale(softmax):
+        block = real(softmax)
         return None if block is None else block[:-1] + (block[-1] * 2,)
 
     monkeypatch.setattr(tf, "_match_block", wrong_scale)
