@@ -30,11 +30,24 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+import onnx_ir as ir
+from onnx import TensorProto
 from pydantic import Field
 
-from onnxopt.legacy_graph import GraphIndex, implicit_inputs, subgraphs
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
+from onnxopt.activations import select_tensors, stream_activations, value_types
+from onnxopt.graph import (
+    Namer,
+    add_initializer,
+    captured_values,
+    constant_tensor,
+    constant_value,
+    is_initializer,
+    make_node,
+    opset_version,
+    release,
+    subgraphs,
+)
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
 FP16_MAX = 65504.0
@@ -94,17 +107,30 @@ def has_cpu_fp16_kernel(op: str, domain: str, opset: int) -> bool:
     return any(lo <= since <= hi for lo, hi in ranges)
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    g = inferred.graph
-    types = {t.name: t.data_type for t in g.initializer}
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for n in g.node:
-        if n.op_type == "Constant" and n.domain in DEFAULT_DOMAINS and n.attribute and n.attribute[0].name == "value":
-            types[n.output[0]] = n.attribute[0].t.data_type
+def _elem_types(model: ir.Model) -> dict[str, int]:
+    types = {name: int(t) for name, t in value_types(model).items()}
+    for n in model.graph:
+        t = constant_tensor(n.outputs[0]) if n.op_type == "Constant" and n.outputs else None
+        if t is not None:
+            types[n.outputs[0].name] = int(t.dtype)
+    for name, v in model.graph.initializers.items():
+        if v.const_value is not None:
+            types[name] = int(v.const_value.dtype)
     return types
+
+
+class _Const:
+    """What the pass needs of a float32 constant, from one read of it: its size, whether float16 holds it, and
+    (if it does) its float16 values."""
+
+    def __init__(self, value: ir.Value, small: int):
+        a = constant_value(value)
+        self.size = int(a.size)
+        self.nbytes = int(a.nbytes)
+        self.fits = _fits_fp16(a, small)
+        self.half = a.astype(np.float16) if self.fits else None
+        del a
+        release(value)
 
 
 def _fits_fp16(a: np.ndarray, small: int = 16) -> bool:
@@ -122,122 +148,134 @@ def _fits_fp16(a: np.ndarray, small: int = 16) -> bool:
     return norm == 0 or float(np.linalg.norm(a.astype(np.float16).astype(np.float32) - a)) <= 1e-3 * norm
 
 
-class Float16(ProtoPass):
+class Float16(Pass):
     name = "fp16"
     summary = ("float16 weights and float16 compute where safe (fragile ops and overflowing values stay float32; "
                "on ORT CPU only ops with float16 kernels), float32 model I/O.")
     Config = Float16Config
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         cfg: Float16Config = self.config  # type: ignore[assignment]
         g = model.graph
-        index = GraphIndex(g)
+        namer = Namer(g)
         types = _elem_types(model)
-        consts: dict[str, np.ndarray] = {}
-        for name in list(index.initializers) + [n.output[0] for n in g.node if n.op_type == "Constant"]:
-            if name not in index.graph_inputs and types.get(name) == F32:
-                value = index.constant(name)
-                if value is not None:
-                    consts[name] = value
+        by_name: dict[str, ir.Value] = {}
+        for n in g:
+            for o in n.outputs:
+                by_name[o.name] = o
+        by_name.update({k: v for k, v in g.initializers.items()})
+        const_names = [name for name, v in g.initializers.items() if not v.is_graph_input()]
+        const_names += [n.outputs[0].name for n in g if n.op_type == "Constant" and n.outputs]
+        consts: dict[str, _Const] = {}
+        for name in const_names:  # one weight at a time; float16 copies are kept (half the bytes)
+            if types.get(name) == F32 and constant_tensor(by_name[name]) is not None:
+                consts[name] = _Const(by_name[name], 16)
         hot = self._overflowing(model) if self.context.calibration is not None else {}
-        opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
+        opset = opset_version(model)
 
         # --- which nodes compute in float16 ----------------------------------------------------
         half: set[int] = set()
-        in_half: set[str] = {c for c, v in consts.items() if v.size >= cfg.min_constant_elements and _fits_fp16(v)}
+        in_half: set[str] = {c for c, v in consts.items() if v.size >= cfg.min_constant_elements and v.fits}
         reasons: dict[str, int] = {}
-        for node in g.node:
+        for node in g:
             why = self._keep_reason(node, types, consts, hot, opset, in_half)
             if why is None:
                 half.add(id(node))
-                in_half.update(o for o in node.output if types.get(o) == F32)
+                in_half.update(o.name for o in node.outputs if types.get(o.name) == F32)
             elif why != "no float32 output":
                 reasons[why] = reasons.get(why, 0) + 1
 
         # --- rewrite ---------------------------------------------------------------------------
-        graph_outputs = {o.name for o in g.output}
+        graph_outputs = {o.name for o in g.outputs}
         f32_readers: dict[str, int] = {}
         f16_readers: dict[str, int] = {}
         other_readers: set[str] = set()  # read by a node that is not a fragile op
-        for node in g.node:
+        for node in g:
             readers = f16_readers if id(node) in half else f32_readers
-            for x in node.input:
-                if x:
-                    readers[x] = readers.get(x, 0) + 1
+            for x in node.inputs:
+                if x is not None:
+                    readers[x.name] = readers.get(x.name, 0) + 1
                     if node.op_type not in cfg.keep_float32_ops:
-                        other_readers.add(x)
-            for x in implicit_inputs(node):  # values captured by a subgraph are read in float32
-                f32_readers[x] = f32_readers.get(x, 0) + 1
-        head: list[onnx.NodeProto] = []
-        half_name: dict[str, str] = {}
+                        other_readers.add(x.name)
+            for x in captured_values(node):  # values captured by a subgraph are read in float32
+                f32_readers[x.name] = f32_readers.get(x.name, 0) + 1
+        first = g.node(0) if len(g) else None
+        half_value: dict[str, ir.Value] = {}
         stats = {"constants_fp16": 0, "constant_bytes_saved": 0, "casts_to_fp16": 0, "casts_to_fp32": 0}
 
+        def cast(x: ir.Value, to: int, out_name: str, node_name: str) -> ir.Node:
+            c = make_node("Cast", [x], {"to": to}, outputs=[out_name], name=namer.unique(node_name))
+            c.outputs[0].type = ir.TensorType(ir.DataType(to))
+            c.outputs[0].shape = x.shape
+            return c
+
         # constants: float16 storage; float32 readers go through a Cast that keeps the original name
-        dropped: set[str] = set()
-        for name, value in consts.items():
+        for name, info in consts.items():
+            value = by_name[name]
             # parameters of fragile ops (LayerNorm's scale and bias) keep their float32 precision
-            big = value.size >= cfg.min_constant_elements and _fits_fp16(value) and name in other_readers
-            if not (f16_readers.get(name) or big and name in index.initializers):
+            big = info.size >= cfg.min_constant_elements and info.fits and name in other_readers
+            initializer = is_initializer(value)
+            if not (f16_readers.get(name) or big and initializer):
                 continue  # Constant nodes are left as they are for float32 readers
             if not f16_readers.get(name) and name in graph_outputs:
                 continue
-            h = index.add_initializer(value.astype(np.float16), f"{name}_fp16")
-            half_name[name] = h
+            h = add_initializer(g, info.half, f"{name}_fp16", namer)
+            half_value[name] = h
             stats["constants_fp16"] += 1
             if f32_readers.get(name) or name in graph_outputs:
-                if big and name in index.initializers:
-                    dropped.add(name)
-                    head.append(helper.make_node("Cast", [h], [name], to=F32, name=index.unique_name(f"{name}/to_fp32")))
-                    stats["constant_bytes_saved"] += value.nbytes // 2
-            elif name in index.initializers:
-                dropped.add(name)
-                stats["constant_bytes_saved"] += value.nbytes // 2
-        nodes: list[onnx.NodeProto] = []
+                if big and initializer:
+                    c = cast(h, F32, namer.unique(f"{name}__f32"), f"{name}/to_fp32")
+                    g.insert_before(first, c)
+                    value.replace_all_uses_with(c.outputs[0], replace_graph_outputs=True)
+                    del g.initializers[name]
+                    c.outputs[0].name = name
+                    stats["constant_bytes_saved"] += info.nbytes // 2
+            elif initializer:
+                del g.initializers[name]
+                stats["constant_bytes_saved"] += info.nbytes // 2
+            info.half = None
 
-        def to_half(x: str, where: list[onnx.NodeProto]) -> str:
-            if x not in half_name:
-                h = index.unique_name(f"{x}_fp16")
-                where.append(helper.make_node("Cast", [x], [h], to=F16, name=index.unique_name(f"{x}/to_fp16")))
-                half_name[x] = h
+        def to_half(x: ir.Value, before: ir.Node | None) -> ir.Value:
+            if x.name not in half_value:
+                c = cast(x, F16, namer.unique(f"{x.name}_fp16"), f"{x.name}/to_fp16")
+                g.insert_before(before if before is not None else g.node(0), c)
+                half_value[x.name] = c.outputs[0]
                 stats["casts_to_fp16"] += 1
-            return half_name[x]
+            return half_value[x.name]
 
-        for inp in g.input:  # graph inputs read by float16 nodes: one Cast each, at the start
+        for inp in g.inputs:  # graph inputs read by float16 nodes: one Cast each, at the start
             if types.get(inp.name) == F32 and f16_readers.get(inp.name) and inp.name not in consts:
-                to_half(inp.name, head)
-        for node in g.node:
+                to_half(inp, first)
+        for node in list(g):
             if id(node) not in half:
-                nodes.append(node)
                 continue
-            for i, x in enumerate(node.input):
-                if x and types.get(x) == F32:
-                    node.input[i] = to_half(x, nodes)
-            nodes.append(node)
-            for i, o in enumerate(node.output):
-                if not o or types.get(o) != F32:
+            for i, x in enumerate(node.inputs):
+                if x is not None and types.get(x.name) == F32:
+                    node.replace_input_with(i, to_half(x, node))
+            for o in list(node.outputs):
+                if types.get(o.name) != F32:
                     continue
-                h = index.unique_name(f"{o}_fp16")
-                node.output[i] = h
-                half_name[o] = h
-                if f32_readers.get(o) or o in graph_outputs:
-                    nodes.append(helper.make_node("Cast", [h], [o], to=F32, name=index.unique_name(f"{o}/to_fp32")))
+                name = o.name
+                f32_uses = [u for u in o.uses() if id(u.node) not in half]
+                needs_f32 = bool(f32_uses) or o.is_graph_output()
+                o.name = namer.unique(f"{name}_fp16")
+                o.type = ir.TensorType(ir.DataType.FLOAT16)
+                half_value[name] = o
+                if needs_f32:
+                    c = cast(o, F32, name, f"{name}/to_fp32")
+                    c.outputs[0].shape = o.shape
+                    g.insert_after(node, c)
+                    for u in f32_uses:
+                        u.node.replace_input_with(u.idx, c.outputs[0])
+                    for k, out in enumerate(g.outputs):
+                        if out is o:
+                            g.outputs[k] = c.outputs[0]
                     stats["casts_to_fp32"] += 1
-        del g.node[:]
-        g.node.extend(head + nodes)
-        index.refresh()
-        keep = [t for t in g.initializer if t.name not in dropped]
-        del g.initializer[:]
-        g.initializer.extend(keep)
-        existing = {o for n in g.node for o in n.output} | {i.name for i in g.input} | \
-                   {t.name for t in g.initializer}
-        keep_vi = [v for v in g.value_info if v.name in existing]
-        del g.value_info[:]
-        g.value_info.extend(keep_vi)
         n_half = len(half)
         details = {
             "target": cfg.target,
             "nodes_fp16": n_half,
-            "nodes_fp32": len([n for n in nodes if n.op_type != "Cast"]) - n_half,
+            "nodes_fp32": len([n for n in g if n.op_type != "Cast"]) - n_half,
             "kept_fp32": dict(sorted(reasons.items())),
             "overflowing_tensors": sorted(hot)[:20],
             **stats,
@@ -248,7 +286,8 @@ class Float16(ProtoPass):
     def _keep_reason(self, node, types, consts, hot, opset, in_half) -> str | None:
         """Why ``node`` stays float32 (None: it goes float16)."""
         cfg: Float16Config = self.config  # type: ignore[assignment]
-        floats_out = [o for o in node.output if o and types.get(o) in (F32, F16)]
+        outs = [o.name for o in node.outputs if o.name]
+        floats_out = [o for o in outs if types.get(o) in (F32, F16)]
         if not any(types.get(o) == F32 for o in floats_out):
             return "no float32 output"
         if node.domain not in DEFAULT_DOMAINS + ("com.microsoft",) or node.op_type in NEVER_OPS \
@@ -258,41 +297,32 @@ class Float16(ProtoPass):
             return "fragile op"
         if node.name and any(fnmatch.fnmatchcase(node.name, p) for p in cfg.keep_float32_nodes):
             return "keep_float32_nodes"
-        values = [x for x in list(node.input) + list(node.output) if x]
+        ins = [x.name for x in node.inputs if x is not None]
+        values = ins + outs
         if any(types.get(x) is None for x in values):
             return "unknown type"
         if any(types[x] in (TensorProto.DOUBLE, TensorProto.BFLOAT16, F16) for x in values):
             return "not float32"
         if any(x in hot for x in values):
             return "overflows float16"
-        if any(x in consts and not _fits_fp16(consts[x]) for x in node.input):
+        if any(x in consts and not consts[x].fits for x in ins):
             return "constant outside float16"
         if cfg.target == "cpu":
             if not has_cpu_fp16_kernel(node.op_type, node.domain, opset):
                 return "no float16 CPU kernel"
-            if not any(x in in_half for x in node.input if x and types.get(x) == F32):
+            if not any(x in in_half for x in ins if types.get(x) == F32):
                 return "inputs are float32 (a Cast would cost more)"
         return None
 
-    def _overflowing(self, model: onnx.ModelProto) -> dict[str, float]:
+    def _overflowing(self, model: ir.Model) -> dict[str, float]:
         """{tensor: max |x|} of the float activations beyond ``overflow_threshold`` on the calibration data."""
-        from onnxopt.passes.calibrate import exposed_model, limited_batches, select_tensors
-
-        from onnxopt.runtime import make_session, run_batch
-
         cfg: Float16Config = self.config  # type: ignore[assignment]
         tensors = select_tensors(model)
-        graph_inputs = {i.name for i in model.graph.input}
-        fetch = [t for t in tensors if t not in graph_inputs]
-        session = make_session(exposed_model(model, fetch), opt_level="basic", what="model (fp16 range check)")
-        feed_names = {i.name for i in session.get_inputs()}
         peak: dict[str, float] = {}
-        done = 0
-        for batch in limited_batches(self.context.calibration, cfg.batch_size, cfg.max_samples):
-            values = run_batch(session, {k: v for k, v in batch.items() if k in feed_names}, fetch, first_sample=done)
+        for _, values in stream_activations(model, self.context.calibration, tensors, batch_size=cfg.batch_size,
+                                            max_samples=cfg.max_samples, what="model (fp16 range check)"):
             for t in tensors:
-                v = values.get(t, batch.get(t))
+                v = values.get(t)
                 if v is not None and v.dtype.kind == "f" and v.size:
                     peak[t] = max(peak.get(t, 0.0), float(np.max(np.abs(v))))
-            done += next(iter(batch.values())).shape[0]
         return {t: m for t, m in peak.items() if m > cfg.overflow_threshold}
