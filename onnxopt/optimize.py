@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError
 from onnxopt.inspect import ModelSummary, summarize
-from onnxopt.model_io import load_model, stage_model
+from onnxopt.model_io import has_external_data, load_model, stage_model
 from onnxopt.pass_infra import PassContext, PassManager, PipelineResult
 from onnxopt.progress import SILENT, Progress
 from onnxopt.recipe import GateConfig, Recipe, load_recipe
@@ -112,6 +112,8 @@ def optimize(
         raise OnnxoptError("--calib-labels needs --calib (the labels belong to the calibration data)")
     model = load_model(model_path)
     before = summarize(model, model_path)
+    # The output keeps the input's layout: weights in external data stay in external data.
+    external = True if has_external_data(model) else None
     context = PassContext(progress=progress, workers=workers)
     if calib is not None:
         context.calibration = open_data(calib, model, rec.data)
@@ -130,7 +132,7 @@ def optimize(
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         progress.message(f"writing {output}")
-        staged = stage_model(pipeline.model, output, force=force)
+        staged = stage_model(pipeline.model, output, force=force, external_data=external)
     with staged if staged is not None else _nothing():
         result = OptimizeResult(
             model=pipeline.model,

@@ -220,3 +220,12 @@ def test_cleanup_preset_above_2gb(tmp_path, big_model, mark):
     code, _, err = cli("optimize", big_model, "-o", tmp_path / "big_clean.onnx", "-r", "cleanup", "-q")
     assert code == 0, err
     assert (tmp_path / "big_clean.onnx.data").stat().st_size > 2**31
+
+
+def test_output_keeps_the_inputs_external_data_layout(tmp_path):
+    """A pass that replaces every weight (fp16) still writes them to external data when the input had them."""
+    save_model(load_model(MODEL), tmp_path / "m.onnx", external_data=True)
+    code, _, err = cli("optimize", tmp_path / "m.onnx", "-o", tmp_path / "out" / "h.onnx", "-r", "fp16", "-q")
+    assert code == 0, err
+    assert (tmp_path / "out" / "h.onnx.data").stat().st_size > 0
+    assert (tmp_path / "out" / "h.onnx").stat().st_size < 16 * 1024
