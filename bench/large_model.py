@@ -206,7 +206,7 @@ def main() -> None:
         out.mkdir()
         size_only = {"cleanup", "int4"} if label != "0.91 GB" else None
         measured = []
-        for job, what, tool, cmd, path in jobs(model, out, only if size_only is None else (only or size_only)
+        for _job, what, tool, cmd, path in jobs(model, out, only if size_only is None else (only or size_only)
                                                & size_only):
             print(f"  {label}: {tool} ...", file=sys.stderr, flush=True)
             wall, rss, code = run_job(cmd, out / f"{path.name}.log")

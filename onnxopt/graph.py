@@ -143,7 +143,9 @@ def release(value: ir.Value | None) -> None:
 
 
 def make_tensor(array: np.ndarray, name: str | None = None) -> ir.Tensor:
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array)
+    if not array.flags.c_contiguous:  # (np.ascontiguousarray would also turn a scalar into shape [1])
+        array = array.copy(order="C")
     return ir.tensor(array, name=name)
 
 

@@ -341,6 +341,29 @@ def estimated_size(model: ir.Model | onnx.ModelProto) -> int:
     return total + 200 * sum(1 for _ in all_nodes(model.graph)) + 4096
 
 
+def content_digest(model: ir.Model) -> str:
+    """Content hash of the model: its weight-less skeleton, then the bytes of every large weight, one weight at a
+    time (a multi-GB model is never serialized as a whole). Deterministic; a cache key."""
+    import hashlib
+
+    from onnxopt.checks import KEEP_VALUES_BYTES, skeleton
+    from onnxopt.graph import tensor_bytes
+
+    h = hashlib.sha256()
+    h.update(skeleton(model).SerializeToString(deterministic=True))
+    for graph in model.graphs():
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None or (not isinstance(tensor, ir.ExternalTensor)
+                                  and tensor_bytes(tensor) <= KEEP_VALUES_BYTES):
+                continue  # small ones are in the skeleton
+            h.update(f"{name}|{tensor.dtype}|{tensor.shape}|".encode())
+            h.update(tensor.tobytes())
+            if isinstance(tensor, ir.ExternalTensor):
+                tensor.release()
+    return h.hexdigest()
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.legacy_graph import attr
+from onnxopt.graph import attr
+from onnxopt.model_io import as_ir
 
 # Suffixes ORT's graph transformers append to the names of the nodes they create.
 _SUFFIXES = re.compile(r"(_token_\d+|_nchwc|_fused|_Fused\w*|_kernel_time)$")
@@ -46,19 +48,15 @@ def session_options(threads: int = 1, opt_level: str = "all", config: dict[str, 
     return so
 
 
-def make_session(model: onnx.ModelProto, threads: int = 1, opt_level: str = "all",
+def make_session(model: ir.Model | onnx.ModelProto, threads: int = 1, opt_level: str = "all",
                  config: dict[str, str] | None = None, profile_prefix: str | None = None):
-    import onnxruntime as ort
+    from onnxopt.runtime import make_session as runtime_session
 
     so = session_options(threads, opt_level, config, profile_prefix)
-    try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - ORT raises assorted types; name the problem in one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxoptError(f"onnxruntime cannot load the model to profile it: {first[:300]}") from None
+    return runtime_session(model, options=so, what="the model to profile")
 
 
-def conv_kind(node: onnx.NodeProto, weight_shape: tuple[int, ...] | None) -> str:
+def conv_kind(node: ir.Node, weight_shape: tuple[int, ...] | None) -> str:
     """depthwise / pointwise / grouped / regular conv, from the weight shape [M, C/group, k...]."""
     group = int(attr(node, "group", 1))
     if weight_shape is None or len(weight_shape) < 3:
@@ -68,25 +66,25 @@ def conv_kind(node: onnx.NodeProto, weight_shape: tuple[int, ...] | None) -> str
     return "pointwise-conv" if all(k == 1 for k in weight_shape[2:]) else "conv"
 
 
-def op_kinds(model: onnx.ModelProto) -> dict[str, str]:
+def op_kinds(model: ir.Model | onnx.ModelProto) -> dict[str, str]:
     """Node name -> kind: conv kinds split as in ``conv_kind``, ``gemm``/``matmul``, else the op type.
 
     In a QDQ model the weight comes through a DequantizeLinear; its initializer gives the shape.
     """
-    g = model.graph
-    shapes = {t.name: tuple(t.dims) for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
+    g = as_ir(model).graph
     out: dict[str, str] = {}
-    for n in g.node:
+    for n in g:
+        name = n.name or ""
         if n.op_type in ("Conv", "ConvTranspose"):
-            w = n.input[1] if len(n.input) > 1 else ""
-            p = producers.get(w)
+            w = n.inputs[1] if len(n.inputs) > 1 else None
+            p = w.producer() if w is not None else None
             if p is not None and p.op_type == "DequantizeLinear":
-                w = p.input[0]
-            kind = conv_kind(n, shapes.get(w))
-            out[n.name] = kind if n.op_type == "Conv" else "conv-transpose"
+                w = p.inputs[0]
+            t = w.const_value if w is not None and w.is_initializer() else None
+            kind = conv_kind(n, tuple(t.shape.numpy()) if t is not None else None)
+            out[name] = kind if n.op_type == "Conv" else "conv-transpose"
         else:
-            out[n.name] = n.op_type.lower() if n.op_type in ("Gemm", "MatMul") else n.op_type
+            out[name] = n.op_type.lower() if n.op_type in ("Gemm", "MatMul") else n.op_type
     return out
 
 
@@ -107,7 +105,7 @@ class Profile:
     def kernel_us(self) -> float:
         return sum(self.kernels.values())
 
-    def attribute(self, model: onnx.ModelProto) -> Profile:
+    def attribute(self, model: ir.Model | onnx.ModelProto) -> Profile:
         """Attribute every kernel's time to a node of ``model`` (the model that was profiled)."""
         by_node: dict[str, float] = defaultdict(float)
         kernels_of: dict[str, list[str]] = defaultdict(list)
@@ -123,14 +121,16 @@ class Profile:
         self.by_node, self.kernels_of, self.unattributed = dict(by_node), dict(kernels_of), unattributed
         return self
 
-    def by_kind(self, model: onnx.ModelProto) -> dict[str, float]:
+    def by_kind(self, model: ir.Model | onnx.ModelProto) -> dict[str, float]:
         """Attributed time per node kind (``op_kinds``); unattributed kernels by their kernel op."""
+        model = as_ir(model)
         kinds = op_kinds(model)
         # a fused activation carries its conv's time when ORT names the fused kernel after it
-        producers = {o: n.name for n in model.graph.node for o in n.output}
-        for n in model.graph.node:
-            if n.op_type in ("Relu", "Clip") and n.input and producers.get(n.input[0]) in kinds:
-                kinds[n.name] = kinds[producers[n.input[0]]]
+        for n in model.graph:
+            x = n.inputs[0] if n.inputs else None
+            p = x.producer() if x is not None else None
+            if n.op_type in ("Relu", "Clip") and p is not None and (p.name or "") in kinds:
+                kinds[n.name or ""] = kinds[p.name or ""]
         out: dict[str, float] = defaultdict(float)
         for node, us in self.by_node.items():
             out[kinds.get(node, "?")] += us
@@ -142,9 +142,10 @@ class Profile:
 class Resolver:
     """Maps ORT's optimized-graph node names back to the nodes of the model it loaded."""
 
-    def __init__(self, model: onnx.ModelProto):
-        self.names = {n.name for n in model.graph.node if n.name}
-        self.tensor_producer = {o: n.name for n in model.graph.node for o in n.output if o and n.name}
+    def __init__(self, model: ir.Model | onnx.ModelProto):
+        g = as_ir(model).graph
+        self.names = {n.name for n in g if n.name}
+        self.tensor_producer = {o.name: n.name for n in g for o in n.outputs if o.name and n.name}
         # longest first, so "/a/Conv_1" wins over "/a/Conv" for "/a/Conv_1_token_3"
         self._by_length = sorted(self.names, key=len, reverse=True)
 
@@ -165,7 +166,7 @@ class Resolver:
         return None
 
 
-def profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, runs: int = 20, warmup: int = 3,
+def profile(model: ir.Model | onnx.ModelProto, feeds: dict[str, np.ndarray], *, runs: int = 20, warmup: int = 3,
             threads: int = 1, opt_level: str = "all", config: dict[str, str] | None = None) -> Profile:
     """Run ``model`` ``warmup + runs`` times with ORT's profiler and return the mean time per kernel
     of the timed runs (the warm-up runs are dropped: they include one-off allocations)."""

@@ -23,10 +23,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
-
-from onnxopt.legacy_graph import GraphIndex, attr
+import onnx_ir as ir
+from onnx import TensorProto
 
 QType = Literal["uint8", "int8", "uint16", "int16", "uint4", "int4", "int32"]
 
@@ -280,7 +278,7 @@ def quantize_bias(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray
     return q.astype(np.int32), scale
 
 
-def shield_float_ops(model: onnx.ModelProto, names: list[str]) -> int:
+def shield_float_ops(model: ir.Model, names: list[str]) -> int:
     """Keep ORT from re-quantizing float Conv/ConvTranspose/Gemm that read a quantized activation.
 
     ORT's ``WeightBiasQuantization`` transformer (basic level) turns any of these ops whose input 0
@@ -290,45 +288,51 @@ def shield_float_ops(model: onnx.ModelProto, names: list[str]) -> int:
     op gets its own DequantizeLinear with the same scale repeated per channel (axis 1): the same
     numbers, and ORT leaves the op in float. Returns how many ops were shielded.
     """
-    idx = GraphIndex(model.graph)
+    from onnxopt.graph import Namer, add_initializer, attr, constant_tensor, constant_value, make_node
+
+    g = model.graph
+    namer = Namer(g)
     wanted = set(names)
     count = 0
-    for node in list(model.graph.node):
-        if node.name not in wanted or node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.input) < 2:
+    old_dqs = []
+    for node in list(g):
+        if node.name not in wanted or node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 2:
             continue
-        dq = idx.producer(node.input[0])
+        x = node.inputs[0]
+        dq = x.producer() if x is not None else None
         if dq is None or dq.op_type != "DequantizeLinear":
             continue
-        has_zp = len(dq.input) > 2 and bool(dq.input[2])
-        scale = idx.constant(dq.input[1])
-        zp = idx.constant(dq.input[2]) if has_zp else None
-        w = idx.constant(node.input[1])
+        has_zp = len(dq.inputs) > 2 and dq.inputs[2] is not None
+        scale = constant_value(dq.inputs[1])
+        zp = constant_value(dq.inputs[2]) if has_zp else None
+        w = constant_tensor(node.inputs[1])
         if scale is None or scale.size != 1 or w is None or (has_zp and zp is None):
             continue
+        shape = list(w.shape.numpy())
         if node.op_type == "Gemm":
-            channels = w.shape[1] if attr(node, "transB", 0) else w.shape[0]
+            channels = shape[1] if attr(node, "transB", 0) else shape[0]
         elif node.op_type == "Conv":
-            channels = w.shape[1] * int(attr(node, "group", 1))
+            channels = shape[1] * int(attr(node, "group", 1))
         else:
-            channels = w.shape[0]
+            channels = shape[0]
         if channels < 2:
             continue  # a [1] scale counts as scalar for ORT
-        ins = [dq.input[0], idx.add_initializer(np.full(channels, scale.reshape(()), np.float32),
-                                                f"{node.name}_input_scale")]
+        inputs = [dq.inputs[0], add_initializer(g, np.full(channels, scale.reshape(()), np.float32),
+                                                f"{node.name}_input_scale", namer)]
         if zp is not None:
-            ins.append(idx.add_initializer(np.full(channels, zp.reshape(()), zp.dtype), f"{node.name}_input_zero_point"))
-        out = idx.unique_name(f"{node.name}_input_dequantized")
-        new = helper.make_node("DequantizeLinear", ins, [out], axis=1, domain=dq.domain,
-                               name=idx.unique_name(f"{node.name}_input_DequantizeLinear"))
-        anchor = next(n for n in model.graph.node if n.name == node.name)
-        anchor.input[0] = out
-        idx.insert_before(anchor, [new])
+            inputs.append(add_initializer(g, np.full(channels, zp.reshape(()), zp.dtype),
+                                          f"{node.name}_input_zero_point", namer))
+        new = make_node("DequantizeLinear", inputs, {"axis": 1}, outputs=[namer.unique(f"{node.name}_input_dequantized")],
+                        domain=dq.domain, name=namer.unique(f"{node.name}_input_DequantizeLinear"))
+        g.insert_before(node, new)
+        node.replace_input_with(0, new.outputs[0])
+        old_dqs.append(dq)
         count += 1
     if count:  # DQs that only fed the shielded ops
-        used = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
-        keep = [n for n in model.graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] not in used)]
-        if len(keep) != len(model.graph.node):
-            del model.graph.node[:]
-            model.graph.node.extend(keep)
-        GraphIndex(model.graph).prune_unused_initializers()
+        from onnxopt.graph import drop_unused_initializers
+
+        dead = [d for d in dict.fromkeys(old_dqs) if not d.outputs[0].uses() and not d.outputs[0].is_graph_output()]
+        if dead:
+            g.remove(dead, safe=True)
+        drop_unused_initializers(g)
     return count

@@ -88,16 +88,18 @@ FILE_SESSION_BYTES = 256 << 20
 
 
 def make_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, *, opt_level: str = DEFAULT_OPT_LEVEL,
-                 threads: int | None = None, what: str = "model") -> ort.InferenceSession:
+                 threads: int | None = None, what: str = "model",
+                 options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     """An ORT CPU session for ``model``: a path (ORT reads the file and its external data itself), an IR
     model or a ``ModelProto``.
 
     An in-memory model whose weights live in external data, or above ``FILE_SESSION_BYTES`` (or
     ``ONNXOPT_EXTERNAL_THRESHOLD`` when that is set), is written to a temporary file with external data
     and handed over by path; weights still in the input's data file are copied file to file.
-    ``what`` names the model in errors ("onnxruntime cannot load candidate: ...").
+    ``what`` names the model in errors ("onnxruntime cannot load candidate: ..."); ``options`` replaces the
+    session options built from ``opt_level`` and ``threads``.
     """
-    so = session_options(opt_level, threads)
+    so = options if options is not None else session_options(opt_level, threads)
     tmp = None
     try:
         if isinstance(model, str | os.PathLike):

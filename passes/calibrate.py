@@ -26,29 +26,25 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 from pydantic import Field
 
+from onnxopt.activations import activation_session, limited_batches, select_tensors
 from onnxopt.errors import DataError, OnnxoptError
-from onnxopt.model_io import PROTOBUF_LIMIT, atomic_write
+from onnxopt.model_io import atomic_write, content_digest
 from onnxopt.observers import Observer, make_observer
-from onnxopt.pass_infra import PassConfig, ProtoPass
+from onnxopt.pass_infra import Pass, PassConfig
 from onnxopt.ranges import CalibrationResult, TensorRange
-from onnxopt.runtime import make_session, run_batch
+from onnxopt.runtime import run_batch
 
 CALIBRATION_OPT_LEVEL = "all"  # see the module docstring
-CACHE_VERSION = 2  # bump when observers change what they compute for the same inputs
-FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-                         onnx.TensorProto.DOUBLE})
-_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
-                         "Multinomial"})
+CACHE_VERSION = 3  # bump when observers change what they compute for the same inputs (3: IR model digest)
 
 
 class CalibrateConfig(PassConfig):
@@ -70,125 +66,8 @@ class CalibrateConfig(PassConfig):
 
 
 # --------------------------------------------------------------------------------------------
-# Which tensors
-# --------------------------------------------------------------------------------------------
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every value whose type is known (declared or inferred)."""
-    g = model.graph
-    declared = list(g.input) + list(g.output) + list(g.value_info)
-    if model.ByteSize() <= PROTOBUF_LIMIT:
-        try:
-            declared += list(onnx.shape_inference.infer_shapes(model, strict_mode=False).graph.value_info)
-        except Exception:  # noqa: BLE001 - inference is a help here, not a requirement
-            pass
-    out: dict[str, int] = {}
-    for vi in declared:
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            out.setdefault(vi.name, vi.type.tensor_type.elem_type)
-    return out
-
-
-def _constants(graph: onnx.GraphProto) -> set[str]:
-    """Initializers and everything computed from them alone (Constant nodes, folded shape arithmetic)."""
-    const = {t.name for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type in _RANDOM_OPS or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                              for a in node.attribute):
-            continue
-        inputs = [x for x in node.input if x]
-        if (not inputs and node.op_type == "Constant") or (inputs and all(x in const for x in inputs)):
-            const.update(x for x in node.output if x)
-    return const
-
-
-def select_tensors(model: onnx.ModelProto, names: list[str] | None = None) -> list[str]:
-    """Tensors to observe, in graph order: the float graph inputs and float node outputs that are not
-    constants (``names=None``), or ``names`` after checking each is an input or a node output.
-
-    Values whose type is unknown even after shape inference are included; the pass drops those
-    that turn out not to be float when the model runs.
-    """
-    g = model.graph
-    init = {t.name for t in g.initializer}
-    produced = [o for n in g.node for o in n.output if o]
-    inputs = [i.name for i in g.input if i.name not in init]
-    if names is not None:
-        known = set(inputs) | set(produced)
-        for name in names:
-            if name in init:
-                raise OnnxoptError(f"calibrate: tensor {name!r} is an initializer (a constant), not an activation")
-            if name not in known:
-                import difflib
-
-                close = difflib.get_close_matches(name, sorted(known), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise OnnxoptError(f"calibrate: no tensor {name!r} in the model{hint}")
-        return list(dict.fromkeys(names))
-    types = _elem_types(model)
-    const = _constants(g)
-    seen: dict[str, None] = {}
-    for name in inputs + produced:
-        t = types.get(name)
-        if name not in const and (t is None or t in FLOAT_TYPES):
-            seen.setdefault(name)
-    return list(seen)
-
-
-def exposed_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with the node outputs among ``tensors`` added as graph outputs."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    g = work.graph
-    have = {o.name for o in g.output} | {i.name for i in g.input}
-    infos = {vi.name: vi for vi in g.value_info}
-    for name in tensors:
-        if name in have:
-            continue
-        vi = onnx.ValueInfoProto()
-        if name in infos:
-            vi.CopyFrom(infos[name])
-        else:
-            vi.name = name
-        g.output.append(vi)
-        have.add(name)
-    return work
-
-
-# --------------------------------------------------------------------------------------------
 # Data and cache keys
 # --------------------------------------------------------------------------------------------
-def limited_batches(source, batch_size: int, max_samples: int | None) -> Iterator[dict[str, np.ndarray]]:
-    """``source.batches(batch_size)``, stopping after ``max_samples`` samples (last batch cut)."""
-    left = max_samples
-    for batch in source.batches(batch_size):
-        n = next(iter(batch.values())).shape[0]
-        if left is not None:
-            if left <= 0:
-                return
-            if n > left:
-                batch = {k: v[:left] for k, v in batch.items()}
-                n = left
-            left -= n
-        yield batch
-
-
-def model_digest(model: onnx.ModelProto) -> str:
-    h = hashlib.sha256()
-    if model.ByteSize() <= PROTOBUF_LIMIT:
-        h.update(model.SerializeToString(deterministic=True))
-        return h.hexdigest()
-    # Above the protobuf limit: the graph without tensor payloads, then every payload.
-    for t in onnx.external_data_helper._get_all_tensors(model):
-        h.update(t.name.encode())
-        h.update(t.raw_data)
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    for t in onnx.external_data_helper._get_all_tensors(skeleton):
-        t.ClearField("raw_data")
-    h.update(skeleton.SerializeToString(deterministic=True))
-    return h.hexdigest()
-
-
 def data_digest(source, batch_size: int, max_samples: int | None) -> tuple[str, int]:
     """(content hash, sample count) of the samples calibration would use, read batch by batch."""
     h = hashlib.sha256()
@@ -218,13 +97,13 @@ def default_cache_dir(context_dir: Path | None) -> Path:
 # --------------------------------------------------------------------------------------------
 # The pass
 # --------------------------------------------------------------------------------------------
-class Calibrate(ProtoPass):
+class Calibrate(Pass):
     name = "calibrate"
     summary = "Measure activation ranges on calibration data (min/max, percentile, entropy or MSE); model unchanged."
     Config = CalibrateConfig
     needs = frozenset({"calibration"})
 
-    def call(self, model: onnx.ModelProto) -> CalibrationResult:
+    def call(self, model: ir.Model) -> CalibrationResult:
         cfg: CalibrateConfig = self.config  # type: ignore[assignment]
         start = time.perf_counter()
         source = self.context.calibration
@@ -251,7 +130,7 @@ class Calibrate(ProtoPass):
         return CalibrationResult(model, modified=False, details=details, ranges=ranges)
 
     # --- running ---------------------------------------------------------------------------
-    def _observe(self, model: onnx.ModelProto, source, tensors: list[str]):
+    def _observe(self, model: ir.Model, source, tensors: list[str]):
         """Run the model once over the data, one batch ahead of the observers.
 
         ORT computes batch k+1 on its own thread while the observers (a pool with one worker
@@ -260,7 +139,7 @@ class Calibrate(ProtoPass):
         other cores. At most two batches of activations are alive at any time.
         """
         cfg: CalibrateConfig = self.config  # type: ignore[assignment]
-        graph_inputs = {i.name for i in model.graph.input}
+        graph_inputs = {i.name for i in model.graph.inputs}
         from_feed = [t for t in tensors if t in graph_inputs]
         fetch = [t for t in tensors if t not in graph_inputs]
         observers: dict[str, Observer] = {
@@ -268,9 +147,8 @@ class Calibrate(ProtoPass):
             for t in tensors
         }
         cores = _cpu_count()
-        session = make_session(exposed_model(model, fetch), opt_level=CALIBRATION_OPT_LEVEL,
-                               what="model (calibration)",
-                               threads=max(1, cores // 2))
+        session = activation_session(model, fetch, opt_level=CALIBRATION_OPT_LEVEL, what="model (calibration)",
+                                     threads=max(1, cores // 2))
         feed_names = {i.name for i in session.get_inputs()}
         missing = sorted(feed_names - set(source.input_names))
         if missing:  # the data was opened for the model before earlier passes changed its inputs
@@ -324,12 +202,12 @@ class Calibrate(ProtoPass):
         return ranges, done, sorted(dropped) + empty
 
     # --- cache -----------------------------------------------------------------------------
-    def _cache_key(self, model: onnx.ModelProto, source, tensors: list[str]) -> str:
+    def _cache_key(self, model: ir.Model, source, tensors: list[str]) -> str:
         cfg: CalibrateConfig = self.config  # type: ignore[assignment]
         data_hash, _ = data_digest(source, cfg.batch_size, cfg.max_samples)
         parts = {
             "version": CACHE_VERSION,
-            "model": model_digest(model),
+            "model": content_digest(model),
             "data": data_hash,
             "config": cfg.model_dump(exclude={"cache"}),
             "tensors": tensors,

@@ -52,22 +52,19 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnxopt.passes.quantize_qdq import (
-    ANCHOR_OPS,
-    COMPUTE_OPS,
-    QuantizeQDQ,
-    QuantizeQDQConfig,
-    QuantizeQDQResult,
-    QuantOverride,
-)
+import onnx_ir as ir
 from pydantic import Field
 
+from onnxopt.checks import infer
 from onnxopt.errors import PreconditionError
+from onnxopt.graph import attr, clone_model
 from onnxopt.isa import detect_cpu
-from onnxopt.legacy_graph import attr
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
+from onnxopt.model_io import as_ir, content_digest
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 from onnxopt.profiling import Profile, make_session, op_kinds, profile
+from onnxopt.qdq import ANCHOR_OPS, COMPUTE_OPS, QuantizeQDQConfig, QuantizeQDQResult, QuantOverride
 from onnxopt.quant import shield_float_ops
+from onnxopt.registry import get_pass_class
 
 Variant = Literal["int8", "int8-rr", "float"]
 VARIANTS: tuple[str, ...] = ("int8", "int8-rr", "float")
@@ -111,7 +108,7 @@ class LatencyPlacementResult(PassResult):
 @dataclass
 class _Candidate:
     assign: dict[str, str]
-    model: onnx.ModelProto
+    model: ir.Model
     sqnr: float | None = None
     times: list[float] = field(default_factory=list)
     threads: int = 1
@@ -134,26 +131,28 @@ def _cache_dir(context_dir: Path | None) -> Path:
     return Path(base) / "onnxopt" / "placement"
 
 
-def count_macs(model: onnx.ModelProto) -> int | None:
+def count_macs(model: ir.Model | onnx.ModelProto) -> int | None:
     """Multiply-adds of Conv/ConvTranspose/Gemm/MatMul at batch 1 (symbolic dims = 1); None if unknown."""
+    model = as_ir(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        g = infer(model, strict=False).graph
     except Exception:  # noqa: BLE001 - unknown shapes: the caller measures instead
         return None
-    g = inferred.graph
     shapes: dict[str, list[int]] = {}
     for v in list(g.input) + list(g.value_info) + list(g.output):
         if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
             shapes[v.name] = [d.dim_value if d.HasField("dim_value") else 1 for d in v.type.tensor_type.shape.dim]
-    for t in g.initializer:
-        shapes[t.name] = list(t.dims)
+    for name, value in model.graph.initializers.items():
+        if value.const_value is not None:
+            shapes[name] = list(value.const_value.shape.numpy())
     total = 0
-    for n in g.node:
+    for n in model.graph:
         if n.op_type not in COMPUTE_OPS:
             continue
-        a = shapes.get(n.input[0]) if n.input else None
-        w = shapes.get(n.input[1]) if len(n.input) > 1 else None
-        y = shapes.get(n.output[0])
+        names = [x.name if x is not None else "" for x in n.inputs]
+        a = shapes.get(names[0]) if names else None
+        w = shapes.get(names[1]) if len(names) > 1 else None
+        y = shapes.get(n.outputs[0].name)
         if w is None or y is None or a is None:
             return None
         if n.op_type == "Conv":
@@ -174,13 +173,13 @@ def _sqnr(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
     return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
 
 
-class LatencyPlacement(ProtoPass):
+class LatencyPlacement(Pass):
     name = "latency-placement"
     summary = ("Per quantized op, keep integer compute where ONNX Runtime runs it faster on this CPU "
                "(measured), else 7-bit weights or float; records the best session options.")
     Config = LatencyPlacementConfig
 
-    def requires(self, model: onnx.ModelProto) -> None:
+    def requires(self, model: ir.Model) -> None:
         super().requires(model)
         if not self.config.enabled:
             return
@@ -190,7 +189,7 @@ class LatencyPlacement(ProtoPass):
                                     "(it re-quantizes single ops from the float model)")
 
     # -- entry ----------------------------------------------------------------------------------
-    def call(self, model: onnx.ModelProto) -> LatencyPlacementResult:
+    def call(self, model: ir.Model) -> LatencyPlacementResult:
         cfg: LatencyPlacementConfig = self.config
         if not cfg.enabled:
             return LatencyPlacementResult(model, False, {"enabled": False})
@@ -240,13 +239,13 @@ class LatencyPlacement(ProtoPass):
         return self._finish(model, assign, details, measured=True, session=session)
 
     # -- units and variants -----------------------------------------------------------------------
-    def _units(self, model: onnx.ModelProto) -> list[str]:
+    def _units(self, model: ir.Model) -> list[str]:
         """Named ops that quantize-qdq quantized (an input comes through a DequantizeLinear)."""
-        producers = {o: n for n in model.graph.node for o in n.output}
         out = []
-        for n in model.graph.node:
+        for n in model.graph:
             if n.name and n.op_type in ANCHOR_OPS and any(
-                    (p := producers.get(x)) is not None and p.op_type == "DequantizeLinear" for x in n.input if x):
+                    (p := x.producer()) is not None and p.op_type == "DequantizeLinear"
+                    for x in n.inputs if x is not None):
                 out.append(n.name)
         return out
 
@@ -274,7 +273,7 @@ class LatencyPlacement(ProtoPass):
                                         "or it already has 7-bit weights)")
         return {u: v for u, v in decisions.items() if v != "int8"}
 
-    def build(self, assign: dict[str, str], model: onnx.ModelProto) -> onnx.ModelProto:
+    def build(self, assign: dict[str, str], model: ir.Model) -> ir.Model:
         """The model with each unit in its assigned variant (unlisted units: int8 = ``model``)."""
         assign = {u: v for u, v in assign.items() if v != "int8"}
         if not assign:
@@ -291,18 +290,16 @@ class LatencyPlacement(ProtoPass):
             shield_float_ops(out, flt)
         return out
 
-    def _requantize(self, extra: list[QuantOverride]) -> onnx.ModelProto:
+    def _requantize(self, extra: list[QuantOverride]) -> ir.Model:
         base: QuantizeQDQConfig = self.q.config
         cfg = base.model_copy(update={"overrides": list(base.overrides) + extra, "check_kernels": False})
-        p = QuantizeQDQ(cfg, self.context)
+        p = get_pass_class("quantize-qdq")(cfg, self.context)
         p.precomputed_means = self.q.means
-        src = onnx.ModelProto()
-        src.CopyFrom(self.q.source)
-        return p(src).model
+        return p(clone_model(self.q.source)).model  # the float model's graph, weights shared
 
-    def weight_only(self) -> onnx.ModelProto:
+    def weight_only(self) -> ir.Model:
         """Float compute, int8-stored weights: compute ops weight-only, every other op excluded."""
-        others = sorted({n.op_type for n in self.q.source.graph.node if n.op_type in ANCHOR_OPS}
+        others = sorted({n.op_type for n in self.q.source.graph if n.op_type in ANCHOR_OPS}
                         - set(COMPUTE_OPS))
         extra = [QuantOverride(op_types=list(COMPUTE_OPS), activation_type="float")]
         if others:
@@ -310,7 +307,7 @@ class LatencyPlacement(ProtoPass):
         return self._requantize(extra)
 
     # -- data -----------------------------------------------------------------------------------
-    def _feeds(self, model: onnx.ModelProto, n: int) -> dict[str, np.ndarray]:
+    def _feeds(self, model: ir.Model, n: int) -> dict[str, np.ndarray]:
         from onnxopt.data import random_data
 
         data = self.context.calibration
@@ -329,20 +326,21 @@ class LatencyPlacement(ProtoPass):
         return feed
 
     # -- search ---------------------------------------------------------------------------------
-    def _search(self, model: onnx.ModelProto, details: dict) -> tuple[dict[str, str], dict, list]:
+    def _search(self, model: ir.Model, details: dict) -> tuple[dict[str, str], dict, list]:
         cfg: LatencyPlacementConfig = self.config
         start = time.perf_counter()
         feed = self._feeds(model, cfg.batch_size)
         acc_feed = self._feeds(model, cfg.accuracy_samples)
         source = self.q.source
         ref = make_session(source, 1).run(None, acc_feed)
-        float_outputs = {o.name for o in source.graph.output}
+        source_outputs = [o.name for o in source.graph.outputs]
+        float_outputs = set(source_outputs)
 
-        def sqnr(m: onnx.ModelProto) -> float:
+        def sqnr(m: ir.Model) -> float:
             sess = make_session(m, 1)
             names = [o.name for o in sess.get_outputs() if o.name in float_outputs]
             outs = sess.run(names, acc_feed)
-            return _sqnr([ref[[o.name for o in source.graph.output].index(n)] for n in names], outs)
+            return _sqnr([ref[source_outputs.index(n)] for n in names], outs)
 
         cands: dict[tuple, _Candidate] = {}
 
@@ -469,38 +467,33 @@ class LatencyPlacement(ProtoPass):
                 c.session.run(None, feed)
                 c.times.append(1000 * (time.perf_counter() - t0))
 
-    def _unit_costs(self, model: onnx.ModelProto, prof: Profile) -> dict[str, float]:
+    def _unit_costs(self, model: ir.Model, prof: Profile) -> dict[str, float]:
         """Attributed kernel time per unit: the op, the Relu/Clip fused into it, its DQ inputs and the Q of
         its output (only Q/DQ that ORT could not fuse remain as kernels: the boundary cost)."""
         g = model.graph
-        producers = {o: n for n in g.node for o in n.output}
-        consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for n in g.node:
-            for x in n.input:
-                consumers[x].append(n)
         units = set(self.units)
         owner: dict[str, str] = {u: u for u in units}
 
-        def owner_of_tensor(t: str, depth: int = 0) -> str | None:
-            p = producers.get(t)
+        def owner_of_tensor(t: ir.Value | None, depth: int = 0) -> str | None:
+            p = t.producer() if t is not None else None
             if p is None or depth > 3:
                 return None
             if p.name in units:
                 return p.name
             if p.op_type in ("Relu", "Clip", "DequantizeLinear", "QuantizeLinear"):
-                return owner_of_tensor(p.input[0], depth + 1)
+                return owner_of_tensor(p.inputs[0], depth + 1)
             return None
 
-        for n in g.node:
+        for n in g:
             if not n.name or n.name in owner:
                 continue
             if n.op_type in ("Relu", "Clip", "QuantizeLinear"):
-                o = owner_of_tensor(n.input[0])
+                o = owner_of_tensor(n.inputs[0])
             elif n.op_type == "DequantizeLinear":
-                users = consumers.get(n.output[0], [])
+                users = n.outputs[0].consumers()
                 o = next((u.name for u in users if u.name in units), None)
                 if o is None:
-                    o = owner_of_tensor(n.input[0])
+                    o = owner_of_tensor(n.inputs[0])
             else:
                 o = None
             if o is not None:
@@ -514,7 +507,7 @@ class LatencyPlacement(ProtoPass):
         return dict(out)
 
     # -- session options ----------------------------------------------------------------------------
-    def _tune_session(self, assign: dict[str, str], model: onnx.ModelProto, feed) -> dict[str, Any]:
+    def _tune_session(self, assign: dict[str, str], model: ir.Model, feed) -> dict[str, Any]:
         cfg: LatencyPlacementConfig = self.config
         final = self._final_model(assign, model)
         all_float = all(assign.get(u) == "float" for u in self.units)
@@ -545,13 +538,13 @@ class LatencyPlacement(ProtoPass):
                                             for lv, ex, cc in cands},
                                 "threads": {str(t): round(tc.ms, 3) for t, tc in threads.items()}}}
 
-    def _final_model(self, assign: dict[str, str], model: onnx.ModelProto) -> onnx.ModelProto:
+    def _final_model(self, assign: dict[str, str], model: ir.Model) -> ir.Model:
         if self.units and all(assign.get(u) == "float" for u in self.units):
             return self.weight_only()
         return self.build(assign, model)
 
     # -- result ---------------------------------------------------------------------------------------
-    def _finish(self, model: onnx.ModelProto, assign: dict[str, str], details: dict, *, measured: bool,
+    def _finish(self, model: ir.Model, assign: dict[str, str], details: dict, *, measured: bool,
                 session: dict | None = None) -> LatencyPlacementResult:
         assign = {u: assign.get(u, "int8") for u in self.units}
         out = self._final_model(assign, model)
@@ -568,14 +561,8 @@ class LatencyPlacement(ProtoPass):
         # how the decisions were made, in words that do not change between a run and its cached replay
         mode = details.get("mode", "")
         recorded["placement"] = "measured" if measured or mode.startswith("cached") else mode.split(" ")[0]
-        if out is model:
-            out = onnx.ModelProto()
-            out.CopyFrom(model)
-        props = [p for p in out.metadata_props if p.key != METADATA_KEY]
-        del out.metadata_props[:]
-        out.metadata_props.extend(props)
-        out.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY,
-                                                              value=json.dumps(recorded, sort_keys=True)))
+        out.metadata_props.pop(METADATA_KEY, None)
+        out.metadata_props[METADATA_KEY] = json.dumps(recorded, sort_keys=True)
         counts = Counter(assign.values())
         details["decision_counts"] = {v: counts[v] for v in VARIANTS if counts[v]}
         per_kind: dict[str, Counter] = defaultdict(Counter)
@@ -596,12 +583,12 @@ class LatencyPlacement(ProtoPass):
         details["decisions"] = {u: v for u, v in assign.items() if v != "int8"}  # paste into the recipe to fix
         return LatencyPlacementResult(out, True, details, decisions=assign, session=recorded)
 
-    def _cache_file(self, model: onnx.ModelProto) -> Path:
+    def _cache_file(self, model: ir.Model) -> Path:
         import onnxruntime as ort
 
         h = hashlib.sha256()
-        h.update(model.SerializeToString(deterministic=True))
-        h.update(self.q.source.SerializeToString(deterministic=True))
+        h.update(content_digest(model).encode())
+        h.update(content_digest(self.q.source).encode())
         cfg = self.config.model_dump(exclude={"cache", "decisions", "tune_session"})
         h.update(json.dumps([cfg, detect_cpu().describe(), ort.__version__, os.cpu_count()], sort_keys=True).encode())
         return _cache_dir(self.context.cache_dir) / f"{h.hexdigest()[:32]}.json"

@@ -40,22 +40,48 @@ from __future__ import annotations
 
 import difflib
 import math
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from onnxopt.errors import OnnxoptError, PreconditionError
+from onnxopt.activations import exposed, value_types
+from onnxopt.errors import PreconditionError
+from onnxopt.graph import (
+    Namer,
+    add_initializer,
+    attr,
+    clone_model,
+    constant_tensor,
+    constant_value,
+    make_node,
+    opset_version,
+    set_attr,
+    subgraphs,
+)
 from onnxopt.isa import SCHEME_SPECS, SchemeChoice, choose_scheme, detect_cpu
-from onnxopt.legacy_graph import GraphIndex, attr, opset_version, set_attr
 from onnxopt.mixed import BitAssignmentResult, clipping_for
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
+from onnxopt.pass_infra import Pass
+from onnxopt.qdq import (
+    ABSORBED_OPS,
+    ANCHOR_OPS,
+    BINARY_OPS,
+    COMPUTE_OPS,
+    MS_DOMAIN,
+    QUANTIZABLE_OPS,
+    TRANSPARENT_OPS,
+    UNARY_OPS,
+    VARIADIC_OPS,
+    ActivationQuant,
+    QuantizeQDQConfig,
+    QuantizeQDQResult,
+    QuantOverride,
+    WeightQuant,
+    kernel_share,
+)
 from onnxopt.quant import (
     activation_params,
     dequantize,
@@ -69,168 +95,6 @@ from onnxopt.quant import (
 )
 from onnxopt.ranges import CalibrationResult, TensorRange, load_ranges
 
-# --- op tables -------------------------------------------------------------------------------
-COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-BINARY_OPS = ("Add", "Mul")
-VARIADIC_OPS = ("Concat",)
-UNARY_OPS = ("AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax")
-# Ops that only move/select values: quantized with their input's scale and zero point.
-TRANSPARENT_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather",
-                   "GatherElements", "Expand", "Tile", "MaxPool", "Resize", "Split", "Pad", "Identity",
-                   "ReduceMax", "ReduceMin", "DepthToSpace", "SpaceToDepth")
-ANCHOR_OPS = COMPUTE_OPS + BINARY_OPS + VARIADIC_OPS + UNARY_OPS
-QUANTIZABLE_OPS = ANCHOR_OPS + TRANSPARENT_OPS
-ABSORBED_OPS = ("Relu", "Clip")
-# ORT's drop-QDQ rules refuse 16-bit for these (they stay float between DQ and Q, still exact).
-NO_16BIT_TRANSPARENT = ("MaxPool", "Resize", "ReduceMax", "ReduceMin")
-
-# Kernels as they appear in ORT's optimized graph.
-INTEGER_KERNELS = ("QLinearConv", "NhwcQLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat",
-                   "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "QAttention",
-                   "DynamicQuantizeLSTM", "QLinearConvTranspose")
-FLOAT_KERNELS = ("Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul",
-                 "FusedMatMul", "TransposeMatMul", "Attention", "MultiHeadAttention")
-WEIGHT_ONLY_KERNELS = ("MatMulNBits", "MatMulBnb4")
-
-MS_DOMAIN = "com.microsoft"
-
-ActivationType = Literal["uint8", "int8", "uint16", "int16"]
-WeightType = Literal["int8", "uint8", "int4", "uint4", "int16"]
-
-
-# --- config ----------------------------------------------------------------------------------
-class QuantOverride(BaseModel):
-    """One rule of per-node quantization settings; rules apply in order, later ones win.
-
-    Select nodes by name (``nodes``), by op type (``op_types``) or by the activation tensors
-    they read or write (``tensors``); a node matches if any selector matches. Then either
-    ``exclude`` them (they stay float) or set what to change:
-
-    * ``activation_type``: uint8/int8/uint16/int16 for the node's quantized inputs and output,
-      or ``float`` to quantize only its weights (weight-only; e.g. int4 MatMul -> MatMulNBits).
-      A tensor shared by nodes asking for different types gets the most precise one.
-    * ``weight_type``: int8/uint8/int4/uint4 (4-bit needs opset 21; the pass upgrades).
-    * ``per_channel`` / ``reduce_range`` / ``weight_clipping``: per-node versions of the global settings.
-
-    With ``tensors``, ``exclude`` keeps those tensors float, which excludes the nodes that
-    produce or read them; ``activation_type`` sets those tensors' type.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    nodes: list[str] = Field(default_factory=list, description="node names")
-    op_types: list[str] = Field(default_factory=list, description="op types, e.g. [MatMul]")
-    tensors: list[str] = Field(default_factory=list, description="activation tensor names")
-    exclude: bool = Field(False, description="leave the selected nodes (or tensors) in float")
-    activation_type: ActivationType | Literal["float"] | None = None
-    weight_type: WeightType | None = None
-    per_channel: bool | None = None
-    reduce_range: bool | None = None
-    weight_clipping: Literal["auto", "mse", "max"] | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> QuantOverride:
-        if not (self.nodes or self.op_types or self.tensors):
-            raise ValueError("an override needs nodes, op_types or tensors to select")
-        settings = (self.activation_type, self.weight_type, self.per_channel, self.reduce_range,
-                    self.weight_clipping)
-        if not self.exclude and all(s is None for s in settings):
-            raise ValueError("an override must exclude or set activation_type/weight_type/per_channel/"
-                             "reduce_range/weight_clipping")
-        if self.exclude and any(s is not None for s in settings):
-            raise ValueError("an override either excludes or sets types, not both")
-        return self
-
-
-class QuantizeQDQConfig(PassConfig):
-    """Static QDQ quantization. Types left unset come from ``scheme``."""
-
-    type: Literal["quantize-qdq"] = "quantize-qdq"
-    scheme: Literal["auto", "u8s8", "u8s8-rr", "u8u8", "s8s8"] = Field(
-        "auto", description="activation x weight types for the target CPU; auto: chosen from its flags")
-    activation_type: ActivationType | None = Field(None, description="default: from scheme")
-    weight_type: WeightType | None = Field(None, description="default: from scheme")
-    reduce_range: bool | None = Field(
-        None, description="7-bit weights where the u8 x s8 kernel saturates (default: from scheme)")
-    per_channel: bool = Field(True, description="one weight scale per output channel")
-    activation_symmetric: bool = Field(False, description="symmetric activation ranges (zero point mid-type)")
-    weight_symmetric: bool = Field(True, description="symmetric weights (zero point 0, or 128 for uint8)")
-    weight_clipping: Literal["auto", "mse", "max"] = Field(
-        "auto", description="weight range per channel: max-abs, or clipped to the ratio minimising the squared "
-        "weight error (mse); auto: mse for 4-bit weights, max otherwise")
-    op_types: list[str] | None = Field(
-        None, description="op types to quantize (default: all supported); data-movement ops follow their neighbours")
-    exclude_nodes: list[str] = Field(default_factory=list, description="node names left in float")
-    exclude_op_types: list[str] = Field(default_factory=list, description="op types left in float")
-    overrides: list[QuantOverride] = Field(default_factory=list, description="per node/op/tensor rules")
-    ranges_file: str | None = Field(None, description="ranges JSON to use instead of the calibrate pass's result")
-    cpu_flags: list[str] | None = Field(
-        None, description="target CPU flags for scheme=auto (default: this machine's /proc/cpuinfo)")
-    allow_opset_upgrade: bool = Field(True, description="upgrade the opset (onnx.version_converter) if needed")
-    bias_correction: Literal["auto", "on", "off"] = Field(
-        "auto", description="shift biases by the mean error weight rounding causes on the calibration data "
-        "(auto: when calibration data is given)")
-    check_kernels: bool = Field(True, description="read back ORT's optimized graph and report integer kernels")
-
-
-# --- results ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ActivationQuant:
-    """Quantization of one activation tensor (shared by its data-movement group)."""
-
-    dtype: str
-    scale: float
-    zero_point: int
-    range: tuple[float, float]
-
-
-@dataclass(frozen=True)
-class WeightQuant:
-    """Quantization of one node's weight (and bias)."""
-
-    tensor: str
-    dtype: str
-    axis: int | None
-    scales: tuple[float, ...]
-    zero_points: tuple[int, ...]
-    reduce_range: bool
-    bias: str | None = None
-    bias_scales_raised: int = 0  # channels whose weight scale was raised to fit the int32 bias
-    bias_corrected: bool = False  # bias shifted by the weight rounding's mean effect on calibration data
-    mse_clipped: bool = False  # ranges clipped per channel to minimise the weight MSE
-
-
-@dataclass(frozen=True)
-class KernelShare:
-    """Which compute kernels ONNX Runtime actually runs, from its optimized graph."""
-
-    integer: dict[str, int]
-    float: dict[str, int]
-    weight_only: dict[str, int]
-    float_nodes: tuple[str, ...]
-    opt_level: str
-
-    @property
-    def total(self) -> int:
-        return sum(self.integer.values()) + sum(self.float.values()) + sum(self.weight_only.values())
-
-    @property
-    def share(self) -> float:
-        return sum(self.integer.values()) / self.total if self.total else 0.0
-
-
-@dataclass
-class QuantizeQDQResult(PassResult):
-    scheme: SchemeChoice | None = None
-    activations: dict[str, ActivationQuant] = field(default_factory=dict)
-    weights: dict[str, WeightQuant] = field(default_factory=dict)  # by node name
-    kernels: KernelShare | None = None
-    # The float model this pass quantized and the bias-correction means it used, so a later pass
-    # (latency-placement) can re-quantize single nodes differently without re-reading the data.
-    source: onnx.ModelProto | None = None
-    means: tuple[dict[str, np.ndarray], int] | None = None
-    config: QuantizeQDQConfig | None = None
-
 
 # --- helpers -----------------------------------------------------------------------------------
 def _hint(name: str, options) -> str:
@@ -238,86 +102,90 @@ def _hint(name: str, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _node_label(node: onnx.NodeProto) -> str:
+def _node_label(node: ir.Node) -> str:
     return f"{node.op_type} {node.name!r}" if node.name else node.op_type
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every value in the main graph (after ONNX shape inference)."""
-    types: dict[str, int] = {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - types stay unknown where inference fails
-        inferred = model
-    g = inferred.graph
-    for v in list(g.input) + list(g.output) + list(g.value_info):
-        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
-            types[v.name] = v.type.tensor_type.elem_type
-    for t in g.initializer:
-        types[t.name] = t.data_type
-    for n in g.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    types[n.output[0]] = a.t.data_type
-                elif a.name in ("value_float", "value_floats"):
-                    types[n.output[0]] = TensorProto.FLOAT
+def ins(node: ir.Node) -> list[str]:
+    """A node's input names ("" for an omitted input)."""
+    return [x.name if x is not None else "" for x in node.inputs]
+
+
+def outs(node: ir.Node) -> list[str]:
+    return [o.name or "" for o in node.outputs]
+
+
+def _elem_types(model: ir.Model) -> dict[str, int]:
+    """Element type (TensorProto code) of every value in the main graph (after ONNX shape inference)."""
+    types = {name: int(t) for name, t in value_types(model).items()}
+    for name, v in model.graph.initializers.items():
+        if v.const_value is not None:
+            types[name] = int(v.const_value.dtype)
+    for n in model.graph:
+        if n.op_type == "Constant" and n.outputs:
+            t = constant_tensor(n.outputs[0])
+            if t is not None:
+                types[n.outputs[0].name] = int(t.dtype)
     return types
 
 
-def kernel_share(model: onnx.ModelProto, opt_level: str = "all") -> KernelShare:
-    """Count the integer vs float compute kernels in ONNX Runtime's optimized version of ``model``.
+class _Index:
+    """Name-level reads of the main graph for the planning stage (which reasons about tensors by name): a value's
+    producer, its readers (a node inside an If/Loop body counts as the node holding the body, as a subgraph
+    reads an outer value for its owner), constants, graph outputs."""
 
-    ORT optimizes the model as a session would (``opt_level`` "all" = ORT_ENABLE_ALL, or
-    "extended") and writes the result to a temporary file, which is read back. Compute kernels
-    are the Conv/Gemm/MatMul family; integer ones are QLinearConv, QGemm, QLinearMatMul,
-    MatMulIntegerToFloat, ConvInteger, ...
-    """
-    import onnxruntime as ort
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.refresh()
 
-    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
-    with tempfile.TemporaryDirectory(prefix="onnxopt-kernels-") as tmp:
-        src = Path(tmp) / "model.onnx"
-        out = Path(tmp) / "optimized.onnx"
-        big = model.ByteSize() > 1_800_000_000
-        onnx.save_model(model, str(src), save_as_external_data=big)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = levels[opt_level]
-        so.optimized_model_filepath = str(out)
-        so.log_severity_level = 3
-        so.intra_op_num_threads = 1
-        if big:
-            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.data")
-        try:
-            ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - surface ORT's message as a user error
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OnnxoptError(f"onnxruntime cannot load the quantized model: {first[:300]}") from None
-        opt = onnx.load(str(out), load_external_data=False)
-    integer: Counter[str] = Counter()
-    flt: Counter[str] = Counter()
-    weight_only: Counter[str] = Counter()
-    float_nodes: list[str] = []
-    for n in opt.graph.node:
-        if n.op_type in INTEGER_KERNELS:
-            integer[n.op_type] += 1
-        elif n.op_type in FLOAT_KERNELS:
-            key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-            flt[key] += 1
-            float_nodes.append(n.name)
-        elif n.op_type in WEIGHT_ONLY_KERNELS:
-            weight_only[n.op_type] += 1
-    return KernelShare(dict(sorted(integer.items())), dict(sorted(flt.items())), dict(sorted(weight_only.items())),
-                       tuple(float_nodes), opt_level)
+    def refresh(self) -> None:
+        g = self.graph
+        self.values: dict[str, ir.Value] = {v.name: v for v in g.inputs}
+        self.values.update(g.initializers)
+        self.owner: dict[int, ir.Node] = {}
+        for n in g:
+            for o in n.outputs:
+                if o.name:
+                    self.values[o.name] = o
+            for body in subgraphs(n):
+                for inner in _all(body):
+                    self.owner[id(inner)] = n
+        self.graph_inputs = {v.name for v in g.inputs}
+        self.graph_outputs = {v.name for v in g.outputs}
+
+    def value(self, name: str) -> ir.Value | None:
+        return self.values.get(name) if name else None
+
+    def producer(self, name: str) -> ir.Node | None:
+        v = self.value(name)
+        return v.producer() if v is not None else None
+
+    def uses(self, name: str) -> list[ir.Node]:
+        v = self.value(name)
+        if v is None:
+            return []
+        return [self.owner.get(id(u.node), u.node) for u in v.uses()]
+
+    def is_output(self, name: str) -> bool:
+        return name in self.graph_outputs
+
+    def constant(self, name: str) -> np.ndarray | None:
+        return constant_value(self.value(name))
 
 
-def _conv_mean_shift(node: onnx.NodeProto, mean: np.ndarray, dw: np.ndarray) -> np.ndarray:
+def _all(graph: ir.Graph):
+    for n in graph:
+        yield n
+        for body in subgraphs(n):
+            yield from _all(body)
+
+
+def _conv_mean_shift(node: ir.Node, mean: np.ndarray, dw: np.ndarray) -> np.ndarray:
     """Per output channel, the spatial mean of ``node`` (Conv/ConvTranspose) applied to the mean
     input map ``mean`` with weights ``dw`` and no bias, computed with ONNX Runtime."""
     import onnxruntime as ort
 
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = {name: attr(node, name) for name in node.attributes}
     g = helper.make_graph([helper.make_node(node.op_type, ["x", "w"], ["y"], **attrs)], "shift",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
                            helper.make_tensor_value_info("w", TensorProto.FLOAT, None)],
@@ -347,24 +215,24 @@ class _Setting:
 
 @dataclass
 class _Anchor:
-    node: onnx.NodeProto
+    node: ir.Node
     setting: _Setting
     act_slots: list[int]  # inputs read as quantized activations (Q'd at run time)
     const_slots: list[int]  # constant inputs quantized per tensor like activations
     weight_slot: int | None = None
     bias_slot: int | None = None
-    absorbed: onnx.NodeProto | None = None  # Relu/Clip deleted by ORT after this op
+    absorbed: ir.Node | None = None  # Relu/Clip deleted by ORT after this op
     inputs: list[str] = field(default_factory=list)  # input names before the rewrite
 
     def __post_init__(self):
-        self.inputs = list(self.node.input)
+        self.inputs = ins(self.node)
 
     @property
     def qout(self) -> str:
-        return (self.absorbed or self.node).output[0]
+        return (self.absorbed or self.node).outputs[0].name
 
 
-class QuantizeQDQ(ProtoPass):
+class QuantizeQDQ(Pass):
     name = "quantize-qdq"
     summary = ("Static INT8 quantization: QuantizeLinear/DequantizeLinear placed for ONNX Runtime's integer "
                "kernels, per-channel weights, scheme chosen for the CPU.")
@@ -373,12 +241,12 @@ class QuantizeQDQ(ProtoPass):
     precomputed_means: tuple[dict[str, np.ndarray], int] | None = None
 
     # -- entry points ----------------------------------------------------------------------------
-    def requires(self, model: onnx.ModelProto) -> None:
+    def requires(self, model: ir.Model) -> None:
         super().requires(model)
         if self.config.ranges_file is None and self.context.latest(CalibrationResult) is None:
             raise PreconditionError("quantize-qdq needs activation ranges: run the 'calibrate' pass before it "
                                     "(or set ranges_file)")
-        already = sorted({n.op_type for n in model.graph.node
+        already = sorted({n.op_type for n in model.graph
                           if n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
                           or n.op_type.startswith("QLinear")})
         if already:
@@ -405,7 +273,7 @@ class QuantizeQDQ(ProtoPass):
             return choose_scheme(caps)
         return SchemeChoice(cfg.scheme, "set in the recipe", caps.describe())
 
-    def call(self, model: onnx.ModelProto) -> QuantizeQDQResult:
+    def call(self, model: ir.Model) -> QuantizeQDQResult:
         cfg: QuantizeQDQConfig = self._with_bit_assignment(self.config)
         ranges = self._ranges()
         choice = self._scheme()
@@ -418,8 +286,7 @@ class QuantizeQDQ(ProtoPass):
             weight_clipping=cfg.weight_clipping,
         )
         self._validate_names(model, cfg)
-        source = onnx.ModelProto()
-        source.CopyFrom(model)
+        source = clone_model(model)  # the float model (graph copied, weights shared) for latency-placement
         upgrade = self._maybe_upgrade(model, defaults, cfg)
         if upgrade is not None:
             model = upgrade[0]
@@ -476,24 +343,24 @@ class QuantizeQDQ(ProtoPass):
                                  source=source, config=self.config,
                                  means=(work.means, work.means_samples) if work.means is not None else None)
 
-    def ensures(self, model: onnx.ModelProto) -> None:
+    def ensures(self, model: ir.Model) -> None:
         # One QuantizeLinear per tensor, and a DequantizeLinear shared by several nodes never feeds
         # a node all of whose inputs are dequantized (a QDQ group: ORT would not fuse it).
         seen: dict[str, str] = {}
-        index = GraphIndex(model.graph)
 
-        def grouped(node: onnx.NodeProto) -> bool:
-            ins = [x for x in node.input if x]
+        def grouped(node: ir.Node) -> bool:
+            xs = [x for x in node.inputs if x is not None]
             return node.op_type in ANCHOR_OPS and all(
-                (p := index.producer(x)) is not None and p.op_type == "DequantizeLinear" for x in ins)
+                (p := x.producer()) is not None and p.op_type == "DequantizeLinear" for x in xs)
 
-        for n in model.graph.node:
+        for n in model.graph:
             if n.op_type == "QuantizeLinear":
-                if n.input[0] in seen:
-                    raise PreconditionError(f"tensor {n.input[0]!r} is quantized twice ({seen[n.input[0]]!r}, {n.name!r})")
-                seen[n.input[0]] = n.name
+                x = n.inputs[0].name
+                if x in seen:
+                    raise PreconditionError(f"tensor {x!r} is quantized twice ({seen[x]!r}, {n.name!r})")
+                seen[x] = n.name
             elif n.op_type == "DequantizeLinear":
-                uses = index.uses(n.output[0])
+                uses = [u.node for u in n.outputs[0].uses()]
                 if len(uses) > 1 and any(grouped(u) for u in uses):
                     raise PreconditionError(f"DequantizeLinear {n.name!r} feeds {len(uses)} nodes, one of them "
                                             "quantized (ORT fuses a DequantizeLinear into one node only)")
@@ -507,9 +374,9 @@ class QuantizeQDQ(ProtoPass):
         extra = [QuantOverride.model_validate(o) for o in bits.overrides]
         return cfg.model_copy(update={"overrides": extra + list(cfg.overrides)})
 
-    def _validate_names(self, model: onnx.ModelProto, cfg: QuantizeQDQConfig | None = None) -> None:
+    def _validate_names(self, model: ir.Model, cfg: QuantizeQDQConfig | None = None) -> None:
         cfg = cfg or self.config
-        nodes = {n.name: n for n in model.graph.node if n.name}
+        nodes = {n.name: n for n in model.graph if n.name}
         for op in (cfg.op_types or []):
             if op not in ANCHOR_OPS + TRANSPARENT_OPS:
                 raise PreconditionError(f"op_types: {op!r} cannot be quantized{_hint(op, QUANTIZABLE_OPS)} "
@@ -517,8 +384,7 @@ class QuantizeQDQ(ProtoPass):
         for name in cfg.exclude_nodes:
             if name not in nodes:
                 raise PreconditionError(f"exclude_nodes: no node named {name!r}{_hint(name, nodes)}")
-        values = {v for n in model.graph.node for v in list(n.input) + list(n.output)} | {
-            i.name for i in model.graph.input}
+        values = {v for n in model.graph for v in ins(n) + outs(n)} | {i.name for i in model.graph.inputs}
         for k, ov in enumerate(cfg.overrides, 1):
             where = f"overrides[{k}]"
             for name in ov.nodes:
@@ -548,7 +414,7 @@ class QuantizeQDQ(ProtoPass):
             raise PreconditionError(f"{where}: {what} has no weights (weight settings apply to "
                                     f"{', '.join(COMPUTE_OPS)})")
 
-    def _maybe_upgrade(self, model: onnx.ModelProto, defaults: _Setting, cfg: QuantizeQDQConfig | None = None):
+    def _maybe_upgrade(self, model: ir.Model, defaults: _Setting, cfg: QuantizeQDQConfig | None = None):
         cfg = cfg or self.config
         current = opset_version(model)
         need, why = 10, "QuantizeLinear/DequantizeLinear"
@@ -566,16 +432,21 @@ class QuantizeQDQ(ProtoPass):
             raise PreconditionError(f"{why} need opset >= {need} (model has {current}) and allow_opset_upgrade is off")
         from onnx import version_converter
 
+        from onnxopt.model_io import from_proto, to_proto
+
+        # onnx's converter works on a whole ModelProto (weights read in); opsets below 13 are older exports,
+        # small in practice
+        proto = to_proto(ir.external_data.load_to_model(clone_model(model)))
         try:
-            upgraded = version_converter.convert_version(model, need)
+            upgraded = version_converter.convert_version(proto, need)
         except Exception as exc:  # noqa: BLE001 - the converter raises assorted errors
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PreconditionError(f"{why} need opset >= {need}; onnx.version_converter failed to upgrade "
                                     f"from {current}: {first[:200]}") from None
-        return upgraded, current, need, why
+        return from_proto(upgraded), current, need, why
 
 
-def _quantized_readers(idx: GraphIndex, quantized: dict, t: str) -> list[tuple[onnx.NodeProto, int]]:
+def _quantized_readers(idx: _Index, quantized: dict, t: str) -> list[tuple[ir.Node, int]]:
     """(node, input slot) pairs where a quantized node reads activation ``t``."""
     out = []
     for u in idx.uses(t):
@@ -583,21 +454,23 @@ def _quantized_readers(idx: GraphIndex, quantized: dict, t: str) -> list[tuple[o
         if q is None:
             continue
         slots = q.act_slots if isinstance(q, _Anchor) else [0]
-        out.extend((u, i) for i in slots if u.input[i] == t)
+        names = ins(u)
+        out.extend((u, i) for i in slots if names[i] == t)
     return out
 
 
 class _Quantizer:
     """Plans and applies the QDQ rewrite of one model (main graph)."""
 
-    def __init__(self, model: onnx.ModelProto, cfg: QuantizeQDQConfig, defaults: _Setting,
+    def __init__(self, model: ir.Model, cfg: QuantizeQDQConfig, defaults: _Setting,
                  ranges: dict[str, TensorRange]):
         self.model = model
         self.cfg = cfg
         self.defaults = defaults
         self.ranges = ranges
         self.graph = model.graph
-        self.index = GraphIndex(model.graph)
+        self.index = _Index(model.graph)
+        self.namer = Namer(model.graph)
         self.types = _elem_types(model)
         self.opset = opset_version(model)
         self.modified = False
@@ -624,12 +497,12 @@ class _Quantizer:
                     self._excluded_tensors.add(t)
                 elif ov.activation_type not in (None, "float"):
                     self._tensor_settings[t] = ov.activation_type
-        for n in self.graph.node:
+        for n in self.graph:
             s = _Setting(**asdict(self.defaults))
             # not in op_types: left out unless an override configures it; exclude_* lists are final
             filtered = n.op_type in ANCHOR_OPS and n.op_type not in wanted
             hard = n.op_type in cfg.exclude_op_types or (bool(n.name) and n.name in cfg.exclude_nodes)
-            touched = set(n.input) | set(n.output)
+            touched = set(ins(n)) | set(outs(n))
             for k, ov in enumerate(cfg.overrides, 1):
                 if not (n.name in ov.nodes or n.op_type in ov.op_types or touched & set(ov.tensors)):
                     continue
@@ -665,87 +538,89 @@ class _Quantizer:
     def _is_const(self, name: str) -> bool:
         return bool(name) and self.index.constant(name) is not None
 
-    def _anchor(self, n: onnx.NodeProto, s: _Setting) -> _Anchor | str | None:
+    def _anchor(self, n: ir.Node, s: _Setting) -> _Anchor | str | None:
         """The quantization plan for an anchor op, why it cannot be quantized, or None when it is
         not a float op at all (shape arithmetic on int64, ...)."""
-        ins = list(n.input)
+        ins_ = ins(n)
         op = n.op_type
         if n.domain not in ("", "ai.onnx"):
             return None
-        if not any(self._is_float(x) for x in list(n.output) + ins):
+        if not any(self._is_float(x) for x in outs(n) + ins_):
             return None
-        if not all(self._is_float(o) for o in n.output if o):
+        if not all(self._is_float(o) for o in outs(n) if o):
             return "output is not float32"
         if op in COMPUTE_OPS:
-            if len(ins) < 2 or not self._is_float(ins[0]) or not self._is_float(ins[1]):
+            if len(ins_) < 2 or not self._is_float(ins_[0]) or not self._is_float(ins_[1]):
                 return "inputs are not float32"
-            w_const = self._is_const(ins[1])
-            if self._is_const(ins[0]):
+            w_const = self._is_const(ins_[1])
+            if self._is_const(ins_[0]):
                 return "input 0 is a constant (fold constants first)"
             if s.activation_type == "float" and not w_const:
                 return "weight-only quantization needs a constant weight"
             if op in ("Conv", "ConvTranspose", "Gemm") and not w_const:
                 return "weight is not a constant"
             bias_slot = None
-            if len(ins) > 2 and ins[2]:
-                if not self._is_const(ins[2]):
+            if len(ins_) > 2 and ins_[2]:
+                if not self._is_const(ins_[2]):
                     return "bias is not a constant"
                 if op == "Gemm":
-                    w = self.index.constant(ins[1])
+                    w = self.index.constant(ins_[1])
                     n_out = w.shape[0] if attr(n, "transB", 0) else w.shape[1]
-                    c = self.index.constant(ins[2])
+                    c = self.index.constant(ins_[2])
                     if c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
                         return f"bias of shape {list(c.shape)} is not per output column"
                 bias_slot = 2
-            if op in ("Conv", "ConvTranspose") and self.index.constant(ins[1]).ndim < 3:
+            if op in ("Conv", "ConvTranspose") and self.index.constant(ins_[1]).ndim < 3:
                 return "weight rank < 3"
             act = [0] if w_const else [0, 1]  # MatMul of two activations: both per tensor
             return _Anchor(n, s, act, [], 1 if w_const else None, bias_slot)
         if op in BINARY_OPS + VARIADIC_OPS + UNARY_OPS:
-            slots = [0] if op in UNARY_OPS else list(range(len(ins)))
-            if op in UNARY_OPS and len(n.output) != 1:
+            slots = [0] if op in UNARY_OPS else list(range(len(ins_)))
+            if op in UNARY_OPS and len(n.outputs) != 1:
                 return "extra outputs"
-            if not all(self._is_float(ins[i]) for i in slots):
+            if not all(self._is_float(ins_[i]) for i in slots):
                 return "inputs are not float32"
-            act = [i for i in slots if not self._is_const(ins[i])]
-            const = [i for i in slots if self._is_const(ins[i])]
+            act = [i for i in slots if not self._is_const(ins_[i])]
+            const = [i for i in slots if self._is_const(ins_[i])]
             if not act:
                 return "all inputs are constant (fold constants first)"
             return _Anchor(n, s, act, const)
         return "not quantizable"
 
-    def _transparent_ok(self, n: onnx.NodeProto) -> bool:
-        if n.domain not in ("", "ai.onnx") or not n.input or not self._is_float(n.input[0]):
+    def _transparent_ok(self, n: ir.Node) -> bool:
+        names = ins(n)
+        if n.domain not in ("", "ai.onnx") or not names or not self._is_float(names[0]):
             return False
-        if self._is_const(n.input[0]):
+        if self._is_const(names[0]):
             return False
-        outs = [o for o in n.output if o]
-        if n.op_type == "MaxPool" and len(outs) != 1:
+        produced = [o for o in outs(n) if o]
+        if n.op_type == "MaxPool" and len(produced) != 1:
             return False
         if n.op_type == "Pad":
-            mode = attr(n, "mode", b"constant")
+            mode = attr(n, "mode", "constant")
             mode = mode.decode() if isinstance(mode, bytes) else mode
             if mode == "constant":
-                value = self.index.constant(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-                if len(n.input) > 2 and n.input[2] and value is None:
+                value = self.index.constant(names[2]) if len(names) > 2 and names[2] else None
+                if len(names) > 2 and names[2] and value is None:
                     return False
                 if value is not None and np.any(value != 0):
                     return False
                 if attr(n, "value", 0.0) != 0.0:
                     return False
-        return all(self._is_float(o) for o in outs)
+        return all(self._is_float(o) for o in produced)
 
-    def _clip_bounds(self, n: onnx.NodeProto) -> tuple[float, float] | None:
+    def _clip_bounds(self, n: ir.Node) -> tuple[float, float] | None:
         if n.op_type == "Relu":
             return 0.0, math.inf
-        if len(n.input) > 1 or self.opset >= 11:
+        names = ins(n)
+        if len(names) > 1 or self.opset >= 11:
             lo = hi = None
-            if len(n.input) > 1 and n.input[1]:
-                lo = self.index.constant(n.input[1])
+            if len(names) > 1 and names[1]:
+                lo = self.index.constant(names[1])
                 if lo is None:
                     return None
-            if len(n.input) > 2 and n.input[2]:
-                hi = self.index.constant(n.input[2])
+            if len(names) > 2 and names[2]:
+                hi = self.index.constant(names[2])
                 if hi is None:
                     return None
             return (float(lo) if lo is not None else -math.inf, float(hi) if hi is not None else math.inf)
@@ -780,7 +655,7 @@ class _Quantizer:
     def run(self) -> None:
         settings = self._settings()
         idx = self.index
-        nodes = list(self.graph.node)
+        nodes = list(self.graph)
 
         # 1. excluded tensors exclude their producers and readers
         for t in self._excluded_tensors:
@@ -814,17 +689,18 @@ class _Quantizer:
 
         # 3. Relu/Clip absorption (decided from the anchor's own type and the clip output's range)
         for a in anchors.values():
-            y = a.node.output[0]
+            y = a.node.outputs[0].name
             uses = idx.uses(y)
             if len(uses) != 1 or idx.is_output(y) or uses[0].op_type not in ABSORBED_OPS:
                 continue
             r = uses[0]
-            if settings[id(r)].excluded or r.input[0] != y or not self._is_float(r.output[0]):
+            r_out = r.outputs[0].name
+            if settings[id(r)].excluded or ins(r)[0] != y or not self._is_float(r_out):
                 continue
             bounds = self._clip_bounds(r)
-            if bounds is None or r.output[0] not in self.ranges:
+            if bounds is None or r_out not in self.ranges:
                 continue
-            lo, hi = self._range_of([r.output[0]], "")
+            lo, hi = self._range_of([r_out], "")
             lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
             if lo > hi:
                 continue
@@ -837,7 +713,7 @@ class _Quantizer:
         transparent = [n for n in nodes if n.op_type in TRANSPARENT_OPS and not settings[id(n)].excluded
                        and self._transparent_ok(n)]
 
-        def act_readers(t: str) -> list[tuple[onnx.NodeProto, int]]:
+        def act_readers(t: str) -> list[tuple[ir.Node, int]]:
             return _quantized_readers(idx, quantized, t)
 
         def emitted() -> set[str]:
@@ -848,7 +724,7 @@ class _Quantizer:
                         continue  # float output: QGemm / MatMulIntegerToFloat
                     out.add(q.qout)
                 else:
-                    out.update(o for o in q.output if o)
+                    out.update(o for o in outs(q) if o)
             return out
 
         changed = True
@@ -858,12 +734,12 @@ class _Quantizer:
             for n in transparent:
                 if id(n) in quantized:
                     continue
-                outs = [o for o in n.output if o]
-                forward = n.input[0] in em
+                produced = [o for o in outs(n) if o]
+                forward = ins(n)[0] in em
                 backward = all(
                     not idx.is_output(o) and idx.uses(o) and len(act_readers(o)) == len(
-                        [(u, i) for u in idx.uses(o) for i, x in enumerate(u.input) if x == o])
-                    for o in outs)
+                        [(u, i) for u in idx.uses(o) for i, x in enumerate(ins(u)) if x == o])
+                    for o in produced)
                 if forward or backward:
                     quantized[id(n)] = n
                     changed = True
@@ -881,15 +757,15 @@ class _Quantizer:
         for q in quantized.values():
             if isinstance(q, _Anchor):
                 for i in q.act_slots:
-                    qtensors[q.node.input[i]] = None
+                    qtensors[ins(q.node)[i]] = None
                 if q.qout in em:
                     qtensors[q.qout] = None
             else:
-                qtensors[q.input[0]] = None
-                for o in q.output:
+                qtensors[ins(q)[0]] = None
+                for o in outs(q):
                     if o:
                         qtensors[o] = None
-                        parent[find(o)] = find(q.input[0])
+                        parent[find(o)] = find(ins(q)[0])
         members: dict[str, list[str]] = defaultdict(list)
         for t in qtensors:
             members[find(t)].append(t)
@@ -898,13 +774,13 @@ class _Quantizer:
         requests: dict[str, list[str]] = defaultdict(list)
         for q in quantized.values():
             if isinstance(q, _Anchor):
-                ts = [q.node.input[i] for i in q.act_slots] + ([q.qout] if q.qout in em else [])
+                ts = [ins(q.node)[i] for i in q.act_slots] + ([q.qout] if q.qout in em else [])
                 for t in ts:
                     requests[find(t)].append(q.setting.activation_type)
             else:
                 s = settings[id(q)]
                 if s.explicit_activation and s.activation_type != "float":
-                    requests[find(q.input[0])].append(s.activation_type)
+                    requests[find(ins(q)[0])].append(s.activation_type)
         for t, ty in self._tensor_settings.items():
             if t in qtensors:
                 requests[find(t)].insert(0, ty)
@@ -938,7 +814,7 @@ class _Quantizer:
             "absorbed": Counter(a.absorbed.op_type for a in anchors.values() if a.absorbed is not None),
         }
 
-    def _needed_by(self, t: str, idx: GraphIndex) -> str:
+    def _needed_by(self, t: str, idx: _Index) -> str:
         p = idx.producer(t)
         uses = idx.uses(t)
         what = f"output of {_node_label(p)}" if p is not None else "graph input"
@@ -949,11 +825,13 @@ class _Quantizer:
     # -- rewrite ---------------------------------------------------------------------------------
     def _rewrite(self, nodes, anchors, weight_only, quantized, qtensors, emitted, params) -> None:
         idx = self.index
-        before: dict[int, list[onnx.NodeProto]] = defaultdict(list)
-        after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
-        head: list[onnx.NodeProto] = []
+        g = self.graph
+        namer = self.namer
         ms_needed = False
-        param_names: dict[str, tuple[str, str]] = {}
+        param_values: dict[str, tuple[ir.Value, ir.Value]] = {}
+        first = nodes[0] if nodes else None
+        head_last: list[ir.Node] = []  # the last node put at the head of the graph
+        after_last: dict[int, ir.Node] = {}  # per producer, the last node put after it
 
         def qdomain(dtype: str) -> str:
             nonlocal ms_needed
@@ -962,117 +840,131 @@ class _Quantizer:
                 return MS_DOMAIN
             return ""
 
-        def scale_zp(t: str) -> tuple[str, str]:
-            if t not in param_names:
+        def const(array: np.ndarray, base: str) -> ir.Value:
+            return add_initializer(g, array, base, namer)
+
+        def scale_zp(t: str) -> tuple[ir.Value, ir.Value]:
+            if t not in param_values:
                 scale, zp, dtype, _ = params[t]
-                s = idx.add_initializer(np.array(scale, dtype=np.float32), f"{t}_scale")
-                z = idx.add_initializer(np.array(zp, dtype=qtype(dtype).numpy_dtype), f"{t}_zero_point")
-                param_names[t] = (s, z)
-            return param_names[t]
+                param_values[t] = (const(np.array(scale, dtype=np.float32), f"{t}_scale"),
+                                   const(np.array(zp, dtype=qtype(dtype).numpy_dtype), f"{t}_zero_point"))
+            return param_values[t]
 
-        def dq(src: str, t: str, out: str | None = None) -> onnx.NodeProto:
+        def dq(src: ir.Value, t: str, out: str | None = None) -> ir.Node:
             s, z = scale_zp(t)
-            out = out or idx.unique_name(f"{t}_dequantized")
-            return helper.make_node("DequantizeLinear", [src, s, z], [out],
-                                    name=idx.unique_name(f"{t}_DequantizeLinear"), domain=qdomain(params[t][2]))
+            return make_node("DequantizeLinear", [src, s, z], outputs=[out or namer.unique(f"{t}_dequantized")],
+                             name=namer.unique(f"{t}_DequantizeLinear"), domain=qdomain(params[t][2]))
 
-        def readers(t: str) -> list[tuple[onnx.NodeProto, int]]:
+        def place_after(producer: ir.Node | None, new: list[ir.Node]) -> None:
+            if producer is None:
+                if head_last:
+                    g.insert_after(head_last[0], new)
+                else:
+                    g.insert_before(first, new)
+                head_last[:] = [new[-1]]
+                return
+            g.insert_after(after_last.get(id(producer), producer), new)
+            after_last[id(producer)] = new[-1]
+
+        def readers(t: str) -> list[tuple[ir.Node, int]]:
             return _quantized_readers(idx, quantized, t)
 
         # activations: one Q per tensor, one DQ per quantized reader slot
         for t in qtensors:
-            producer = idx.producer(t)
+            value = idx.value(t)
+            producer = value.producer()
             is_emitted = t in emitted
-            s, z = scale_zp(t)
-            src = t
             reading = readers(t)
-            float_users = [u for u in idx.uses(t) if not any(u is r for r, _ in reading)]
-            if is_emitted and idx.is_output(t):
-                src = idx.unique_name(f"{t}_float")
-                for i, o in enumerate(producer.output):
-                    if o == t:
-                        producer.output[i] = src
-            qname = idx.unique_name(f"{t}_quantized")
-            qnode = helper.make_node("QuantizeLinear", [src, s, z], [qname],
-                                     name=idx.unique_name(f"{t}_QuantizeLinear"), domain=qdomain(params[t][2]))
+            reading_nodes = {id(r) for r, _ in reading}
+            float_users = [(u.node, u.idx) for u in value.uses()
+                           if u.node.graph is g and id(u.node) not in reading_nodes]
+            output_slot = is_emitted and value.is_graph_output()
+            if output_slot:  # the producer writes t_float; the dequantized value keeps the output's name
+                value.name = namer.unique(f"{t}_float")
+            qnode = make_node("QuantizeLinear", [value, *scale_zp(t)], outputs=[namer.unique(f"{t}_quantized")],
+                              name=namer.unique(f"{t}_QuantizeLinear"), domain=qdomain(params[t][2]))
+            q_out = qnode.outputs[0]
             tail = [qnode]
             if is_emitted:
-                if idx.is_output(t):
-                    tail.append(dq(qname, t, out=t))
+                if output_slot:
+                    final = dq(q_out, t, out=t)
+                    final.outputs[0].type, final.outputs[0].shape = value.type, value.shape
+                    tail.append(final)
+                    for k, o in enumerate(g.outputs):
+                        if o is value:
+                            g.outputs[k] = final.outputs[0]
                 elif float_users:
-                    shared = dq(qname, t)
+                    shared = dq(q_out, t)
                     tail.append(shared)
-                    for u in float_users:
-                        for i, x in enumerate(u.input):
-                            if x == t:
-                                u.input[i] = shared.output[0]
-                        # subgraphs reading t implicitly keep the float value
-            (after[id(producer)] if producer is not None else head).extend(tail)
-            for u, i in reading:
-                d = dq(qname, t)
-                u.input[i] = d.output[0]
-                before[id(u)].append(d)
+                    for u, slot in float_users:
+                        u.replace_input_with(slot, shared.outputs[0])
+                    # subgraphs reading t implicitly keep the float value
+            place_after(producer, tail)
+            for u, slot in reading:
+                d = dq(q_out, t)
+                u.replace_input_with(slot, d.outputs[0])
+                g.insert_before(u, d)
 
         # weights, biases, constant inputs
         for a in list(anchors.values()) + list(weight_only.values()):
-            self._quantize_params(a, params, before, qdomain)
+            self._quantize_params(a, params, qdomain)
 
-        new_nodes = list(head)
-        for n in nodes:
-            new_nodes.extend(before.get(id(n), ()))
-            new_nodes.append(n)
-            new_nodes.extend(after.get(id(n), ()))
-        del self.graph.node[:]
-        self.graph.node.extend(new_nodes)
-        if ms_needed and not any(o.domain == MS_DOMAIN for o in self.model.opset_import):
-            self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        if ms_needed and MS_DOMAIN not in self.model.opset_imports:
+            self.model.opset_imports[MS_DOMAIN] = 1
         idx.refresh()
         self._drop_unused(self._replaced)
         self.modified = bool(qtensors) or bool(weight_only)
 
     def _drop_unused(self, names: list[str]) -> None:
-        idx = self.index
-        used = set(idx.consumers) | idx.graph_outputs
-        dead = {n for n in names if n not in used}
-        if dead:
-            keep = [t for t in self.graph.initializer if t.name not in dead]
-            del self.graph.initializer[:]
-            self.graph.initializer.extend(keep)
-            keep_nodes = [n for n in self.graph.node if not (n.op_type == "Constant" and n.output[0] in dead)]
-            if len(keep_nodes) != len(self.graph.node):
-                del self.graph.node[:]
-                self.graph.node.extend(keep_nodes)
-            idx.refresh()
+        g = self.graph
+        for name in dict.fromkeys(names):
+            v = g.initializers.get(name)
+            if v is not None:
+                if not v.uses() and not v.is_graph_output() and not v.is_graph_input():
+                    del g.initializers[name]
+                continue
+            v = self.index.value(name)
+            node = v.producer() if v is not None else None
+            if node is not None and node.op_type == "Constant" and not v.uses() and not v.is_graph_output():
+                g.remove(node, safe=True)
+        self.index.refresh()
 
-    def _quantize_params(self, a: _Anchor, params, before, qdomain) -> None:
+    def _quantize_params(self, a: _Anchor, params, qdomain) -> None:
         idx = self.index
+        g = self.graph
+        namer = self.namer
         n = a.node
         s = a.setting
         replaced = self._replaced
         label = n.name or n.op_type
 
+        def const(array: np.ndarray, base: str) -> ir.Value:
+            return add_initializer(g, array, base, namer)
+
+        def insert_dq(inputs: list[ir.Value], base: str, domain: str = "", **attributes) -> ir.Value:
+            d = make_node("DequantizeLinear", inputs, attributes or None, outputs=[namer.unique(f"{base}_dequantized")],
+                          name=namer.unique(f"{base}_DequantizeLinear"), domain=domain)
+            g.insert_before(n, d)
+            return d.outputs[0]
+
         # constant activation-like inputs (Add/Mul/Concat operands, constant MatMul A): per tensor
         act_type = s.activation_type if s.activation_type != "float" else self.defaults.activation_type
         for i in a.const_slots:
-            name = n.input[i]
+            name = a.inputs[i]
             value = idx.constant(name).astype(np.float32)
             scale, zp = activation_params(float(value.min()), float(value.max()), act_type,
                                           symmetric=self.cfg.activation_symmetric)
             qv = quantize(value, scale, zp, act_type)
-            qn = idx.add_initializer(qv, f"{name}_quantized")
-            sn = idx.add_initializer(np.array(scale, np.float32), f"{name}_scale")
-            zn = idx.add_initializer(np.array(zp, dtype=qtype(act_type).numpy_dtype), f"{name}_zero_point")
-            out = idx.unique_name(f"{name}_dequantized")
-            before[id(n)].append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out],
-                                                  name=idx.unique_name(f"{name}_DequantizeLinear"),
-                                                  domain=qdomain(act_type)))
-            n.input[i] = out
+            out = insert_dq([const(qv, f"{name}_quantized"), const(np.array(scale, np.float32), f"{name}_scale"),
+                             const(np.array(zp, dtype=qtype(act_type).numpy_dtype), f"{name}_zero_point")],
+                            name, domain=qdomain(act_type))
+            n.replace_input_with(i, out)
             replaced.append(name)
 
         if a.weight_slot is None:
             return
         op = n.op_type
-        wname = n.input[a.weight_slot]
+        wname = a.inputs[a.weight_slot]
         w = idx.constant(wname).astype(np.float32)
         if op == "Gemm":
             alpha = float(attr(n, "alpha", 1.0))
@@ -1108,7 +1000,7 @@ class _Quantizer:
         quantize_bias_too = s.activation_type != "float"
         correct = self._bias_correction(a, w) if n_out is not None else None
         if a.bias_slot is not None:
-            b = idx.constant(n.input[a.bias_slot]).astype(np.float32).reshape(-1)
+            b = idx.constant(a.inputs[a.bias_slot]).astype(np.float32).reshape(-1)
             if op == "Gemm":
                 beta = float(attr(n, "beta", 1.0))
                 if beta != 1.0 and (quantize_bias_too or correct is not None):
@@ -1144,35 +1036,30 @@ class _Quantizer:
             scales = fitted.astype(np.float32)
 
         base = wname
-        qn = idx.add_initializer(qw, f"{base}_quantized")
-        sn = idx.add_initializer(scales.astype(np.float32), f"{base}_scale")
-        zn = idx.add_initializer(zps.astype(qtype(wt).numpy_dtype), f"{base}_zero_point")
-        out = idx.unique_name(f"{base}_dequantized")
         dq_attrs = {"axis": axis} if axis is not None else {}
-        before[id(n)].append(helper.make_node("DequantizeLinear", [qn, sn, zn], [out],
-                                              name=idx.unique_name(f"{base}_DequantizeLinear"), **dq_attrs))
-        n.input[a.weight_slot] = out
+        out = insert_dq([const(qw, f"{base}_quantized"), const(scales.astype(np.float32), f"{base}_scale"),
+                         const(zps.astype(qtype(wt).numpy_dtype), f"{base}_zero_point")], base, **dq_attrs)
+        n.replace_input_with(a.weight_slot, out)
         replaced.append(wname)
+        del w, qw
 
         bias_name = None
         if bias is not None and (s_in is not None or correct is not None):
-            bias_name = n.input[a.bias_slot] if a.bias_slot is not None else f"{label}_bias"
+            bias_name = a.inputs[a.bias_slot] if a.bias_slot is not None else f"{label}_bias"
             if s_in is not None:  # int32, scale = input scale x weight scale, zero point 0
                 bq, bscale = quantize_bias(bias, float(s_in), per_output(scales))
-                qb = idx.add_initializer(bq, f"{bias_name}_quantized")
-                sb = idx.add_initializer(bscale.astype(np.float32), f"{bias_name}_scale")
-                zb = idx.add_initializer(np.zeros(bscale.shape, np.int32), f"{bias_name}_zero_point")
-                bout = idx.unique_name(f"{bias_name}_dequantized")
-                before[id(n)].append(helper.make_node("DequantizeLinear", [qb, sb, zb], [bout], axis=0,
-                                                      name=idx.unique_name(f"{bias_name}_DequantizeLinear")))
+                bout = insert_dq([const(bq, f"{bias_name}_quantized"),
+                                  const(bscale.astype(np.float32), f"{bias_name}_scale"),
+                                  const(np.zeros(bscale.shape, np.int32), f"{bias_name}_zero_point")],
+                                 bias_name, axis=0)
             else:  # weight-only: float bias, corrected
-                bout = idx.add_initializer(bias.astype(np.float32), f"{bias_name}_corrected")
+                bout = const(bias.astype(np.float32), f"{bias_name}_corrected")
             if a.bias_slot is None:
-                while len(n.input) < 2:
-                    n.input.append("")
-                n.input.append(bout)
+                if len(n.inputs) < 3:
+                    n.resize_inputs(3)
+                n.replace_input_with(2, bout)
             else:
-                n.input[a.bias_slot] = bout
+                n.replace_input_with(a.bias_slot, bout)
                 replaced.append(a.inputs[a.bias_slot])
 
         self.weight_quant[label] = WeightQuant(
@@ -1209,17 +1096,15 @@ class _Quantizer:
 
         g = self.graph
         wanted: list[str] = []
-        for n in g.node:
-            if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 1 and self._is_const(n.input[1]):
-                if n.input[0] and not self._is_const(n.input[0]) and n.input[0] not in wanted:
-                    wanted.append(n.input[0])
+        for n in g:
+            names = ins(n)
+            if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(names) > 1 and self._is_const(names[1]):
+                if names[0] and not self._is_const(names[0]) and names[0] not in wanted:
+                    wanted.append(names[0])
         if not wanted:
             self.means = {}
             return
-        probe = onnx.ModelProto()
-        probe.CopyFrom(self.model)
-        del probe.graph.output[:]
-        probe.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in wanted)
+        probe = exposed(self.model, wanted, keep_outputs=False)
         # level "all": exposed outputs are never fused away, and the convolutions run on fast kernels
         session = make_session(probe, opt_level="all", what="model (bias-correction statistics)")
         sums: dict[str, np.ndarray] = {}

@@ -582,7 +582,7 @@ class QuantizeWeightOnly(Pass):
 
     # --- rewriting ----------------------------------------------------------------------------
     def _const(self, g: ir.Graph, array: np.ndarray, base: str) -> ir.Value:
-        return add_initializer(g, np.ascontiguousarray(array), base, self.namer)
+        return add_initializer(g, np.asarray(array), base, self.namer)
 
     def _drop(self, g: ir.Graph, value: ir.Value | None) -> None:
         """Remove an initializer the rewrite left unread (the float weight, a Gemm's C now in the kernel)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.profiling import Resolver, conv_kind, op_kinds, parse_events, profile
@@ -32,10 +33,10 @@ def _model() -> onnx.ModelProto:
 
 
 def test_conv_kinds():
-    node = helper.make_node("Conv", ["x", "w"], ["y"], group=16)
+    node = ir.node("Conv", [ir.Value(name="x"), ir.Value(name="w")], {"group": 16})
     assert conv_kind(node, (16, 1, 3, 3)) == "depthwise-conv"
     assert conv_kind(node, (32, 2, 3, 3)) == "grouped-conv"
-    plain = helper.make_node("Conv", ["x", "w"], ["y"])
+    plain = ir.node("Conv", [ir.Value(name="x"), ir.Value(name="w")])
     assert conv_kind(plain, (8, 16, 1, 1)) == "pointwise-conv"
     assert conv_kind(plain, (8, 16, 3, 3)) == "conv"
     assert op_kinds(_model()) == {"conv_regular": "conv", "relu": "Relu", "conv_dw": "depthwise-conv",

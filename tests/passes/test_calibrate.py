@@ -2,11 +2,12 @@ import json
 
 import numpy as np
 import onnx
-import onnxopt.passes.calibrate as calibrate_mod
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxopt.passes.calibrate import Calibrate, CalibrateConfig, select_tensors
+from onnxopt.passes.calibrate import Calibrate, CalibrateConfig
 
+import onnxopt.activations as activations_mod
+from onnxopt.activations import select_tensors
 from onnxopt.data import from_arrays
 from onnxopt.errors import DataError, OnnxoptError, PassError
 from onnxopt.pass_infra import PassContext, PassManager
@@ -60,13 +61,13 @@ def sessions(monkeypatch):
         made.append(kwargs.get("opt_level"))
         return make_session(*args, **kwargs)
 
-    monkeypatch.setattr(calibrate_mod, "make_session", counting)
+    monkeypatch.setattr(activations_mod, "make_session", counting)
     return made
 
 
 def _reference_minmax(model, x, batch_size):
     """Min/max of every activation, computed with numpy on ORT's outputs for the same batches."""
-    exposed = calibrate_mod.exposed_model(model, ["conv", "relu", "mm", "y"])
+    exposed = activations_mod.exposed(model, ["conv", "relu", "mm", "y"])
     sess = make_session(exposed, opt_level="basic")
     outs = [sess.run(["conv", "relu", "mm", "y"], {"x": x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
     ref = {"x": (float(x.min()), float(x.max()))}
