@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
-
-from onnxopt.legacy_graph import GraphIndex
 
 INDEX_BITS = 8  # Deep Compression: 8 bits of relative index for conv layers (5 for fc); one width for all here
 MIN_ELEMENTS = 256  # tensors smaller than this are counted raw (biases, scales, shapes)
@@ -141,13 +140,14 @@ def tensor_size(name: str, array: np.ndarray, zero_point: np.ndarray | int = 0,
 
 def _zero_points(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """{quantized initializer: its zero point shaped to broadcast} from the DequantizeLinear nodes reading it."""
-    index = GraphIndex(model.graph)
+    inits = {t.name: t for t in model.graph.initializer}
     out: dict[str, np.ndarray] = {}
     for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in index.initializers:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
             continue
-        q = index.initializers[node.input[0]]
-        zp = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        q = inits[node.input[0]]
+        has_zp = len(node.input) > 2 and node.input[2] in inits
+        zp = numpy_helper.to_array(inits[node.input[2]]) if has_zp else None
         if zp is None:
             continue
         if zp.ndim == 1 and zp.size > 1:
@@ -173,7 +173,7 @@ def _compressed(data: bytes, zstd: bool, use_lzma: bool) -> dict[str, int]:
     return out
 
 
-def size_report(model: onnx.ModelProto | str | Path, *, use_lzma: bool = True, zstd: bool = True,
+def size_report(model: ir.Model | onnx.ModelProto | str | Path, *, use_lzma: bool = True, zstd: bool = True,
                 min_elements: int = MIN_ELEMENTS, index_bits: int = INDEX_BITS) -> dict:
     """Sizes of ``model`` (a proto or a file): bytes, compressed bytes, and the entropy-coded measure.
 
@@ -185,6 +185,11 @@ def size_report(model: onnx.ModelProto | str | Path, *, use_lzma: bool = True, z
         data = Path(model).read_bytes()
         model = onnx.ModelProto.FromString(data)
     else:
+        if isinstance(model, ir.Model):  # what the file would hold: the protobuf, weights embedded
+            from onnxopt.graph import clone_model
+            from onnxopt.model_io import external_files, to_proto
+
+            model = to_proto(ir.external_data.load_to_model(clone_model(model)) if external_files(model) else model)
         data = model.SerializeToString(deterministic=True)
     zps = _zero_points(model)
     tensors: list[TensorSize] = []

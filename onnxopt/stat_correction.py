@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from pydantic import BaseModel, Field, PositiveInt
 
+from onnxopt.activations import exposed, limited_batches
 from onnxopt.errors import OnnxoptError
-from onnxopt.legacy_graph import GraphIndex, ancestors
+from onnxopt.graph import Namer, add_initializer, constant_value, is_initializer, is_op, set_constant
+from onnxopt.model_io import as_ir
 from onnxopt.progress import Progress
-
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 class StatisticsCorrectionOptions(BaseModel):
@@ -61,24 +62,13 @@ class ChannelCorrection:
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
-def prefix_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """A model computing only ``outputs``: their ancestor nodes, the initializers and inputs those read."""
-    g = model.graph
-    live, seen = ancestors(g, outputs)
-    nodes = [n for i, n in enumerate(g.node) if i in live]
-    typed = {v.name: v for v in list(g.value_info) + list(g.output)}
-    graph = onnx.helper.make_graph(
-        nodes, g.name or "prefix",
-        [i for i in g.input if i.name in seen],
-        [typed.get(o, onnx.ValueInfoProto(name=o)) for o in outputs],
-        initializer=[t for t in g.initializer if t.name in seen])
-    graph.value_info.extend(v for v in g.value_info if v.name in seen)
-    out = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    out.functions.extend(model.functions)
-    return out
+def prefix_model(model: ir.Model | onnx.ModelProto, outputs: list[str]) -> ir.Model:
+    """A model computing only ``outputs``: their ancestor nodes, the initializers and inputs those read (a
+    structural copy: weights shared)."""
+    return exposed(model, outputs, keep_outputs=False, prune=True)
 
 
-def channel_moments(model: onnx.ModelProto, outputs: list[str], source, *, batch_size: int,
+def channel_moments(model: ir.Model | onnx.ModelProto, outputs: list[str], source, *, batch_size: int,
                     max_samples: int | None, what: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """(mean, variance) per channel (axis 1) of each of ``outputs`` over ``source``, streamed in float64."""
     from onnxopt.runtime import make_session, run_batch
@@ -88,11 +78,7 @@ def channel_moments(model: onnx.ModelProto, outputs: list[str], source, *, batch
     feed_names = {i.name for i in session.get_inputs()}
     sums: list[Any] = [None] * len(outputs)
     done = 0
-    for batch in source.batches(batch_size):
-        if max_samples is not None and done >= max_samples:
-            break
-        if max_samples is not None:
-            batch = {k: v[: max_samples - done] for k, v in batch.items()}
+    for batch in limited_batches(source, batch_size, max_samples):
         values = run_batch(session, {k: v for k, v in batch.items() if k in feed_names}, outputs,
                            first_sample=done)
         for i, name in enumerate(outputs):
@@ -112,24 +98,24 @@ def channel_moments(model: onnx.ModelProto, outputs: list[str], source, *, batch
     return out
 
 
-def correctable_convs(model: onnx.ModelProto, reference: onnx.ModelProto) -> list[onnx.NodeProto]:
+def correctable_convs(model: ir.Model | onnx.ModelProto, reference: ir.Model | onnx.ModelProto) -> list[ir.Node]:
     """Convs of ``model`` (graph order) whose weight and bias are initializers read by that conv alone and whose
     output is also produced by a Conv in ``reference`` (the two graphs agree there)."""
-    index = GraphIndex(model.graph)
-    ref_convs = {o for n in reference.graph.node if n.op_type == "Conv" for o in n.output}
+    model, reference = as_ir(model), as_ir(reference)
+    ref_convs = {o.name for n in reference.graph if n.op_type == "Conv" for o in n.outputs}
     out = []
-    for node in model.graph.node:
-        if node.domain not in DEFAULT_DOMAINS or node.op_type != "Conv" or node.output[0] not in ref_convs:
+    for node in model.graph:
+        if not is_op(node, "Conv") or node.outputs[0].name not in ref_convs:
             continue
-        params = [x for x in node.input[1:3] if x]
-        if not all(x in index.initializers and [id(u) for u in index.uses(x)] == [id(node)] for x in params):
+        params = [x for x in node.inputs[1:3] if x is not None]
+        if not all(is_initializer(x) and [u.node for u in x.uses()] == [node] for x in params):
             continue
         out.append(node)
     return out
 
 
-def correct_channel_statistics(model: onnx.ModelProto, reference: onnx.ModelProto, source, *,
-                               nodes: list[onnx.NodeProto] | None = None,
+def correct_channel_statistics(model: ir.Model, reference: ir.Model | onnx.ModelProto, source, *,
+                               nodes: list[ir.Node] | None = None,
                                channels: dict[str, np.ndarray] | None = None, bounds: tuple[float, float] = (0.5, 2.0),
                                batch_size: int = 16, max_samples: int | None = 64,
                                progress: Progress | None = None, what: str = "statistics correction",
@@ -143,47 +129,49 @@ def correct_channel_statistics(model: onnx.ModelProto, reference: onnx.ModelProt
     nodes = correctable_convs(model, reference) if nodes is None else nodes
     if not nodes:
         return {}
-    index = GraphIndex(model.graph)
-    target = channel_moments(reference, [n.output[0] for n in nodes], source, batch_size=batch_size,
+    namer = Namer(model.graph)
+    target = channel_moments(reference, [n.outputs[0].name for n in nodes], source, batch_size=batch_size,
                              max_samples=max_samples, what=f"{what} (original model)")
     report = {}
     with progress.task(f"{what}: per-layer channel statistics", len(nodes)) as bar:
         for node, (mu, var) in zip(nodes, target, strict=True):
-            kept = (channels or {}).get(node.output[0])
+            out = node.outputs[0].name
+            kept = (channels or {}).get(out)
             if kept is not None:
                 mu, var = mu[kept], var[kept]
-            w = index.constant(node.input[1])
+            w = constant_value(node.inputs[1])
             if mu.shape[0] != w.shape[0]:
                 bar.update(1)
                 continue
-            [(mu_p, var_p)] = channel_moments(model, [node.output[0]], source, batch_size=batch_size,
+            [(mu_p, var_p)] = channel_moments(model, [out], source, batch_size=batch_size,
                                               max_samples=max_samples, what=what)
-            report[node.name or node.output[0]] = _rescale(index, node, w, mu, var, mu_p, var_p, bounds)
+            report[node.name or out] = _rescale(model.graph, namer, node, w, mu, var, mu_p, var_p, bounds)
             bar.update(1)
     return report
 
 
-def _rescale(index: GraphIndex, node: onnx.NodeProto, w: np.ndarray, mu, var, mu_p, var_p,
+def _rescale(graph: ir.Graph, namer: Namer, node: ir.Node, w: np.ndarray, mu, var, mu_p, var_p,
              bounds) -> ChannelCorrection:
     c = w.shape[0]
     if mu.shape != (c,) or mu_p.shape != (c,):
-        raise OnnxoptError(f"statistics correction: {node.name or node.output[0]!r} has {c} output channels, "
-                           f"its output {mu_p.shape[0]}")
+        raise OnnxoptError(f"statistics correction: {node.name or node.outputs[0].name!r} has {c} output "
+                           f"channels, its output {mu_p.shape[0]}")
     sigma, sigma_p = np.sqrt(var), np.sqrt(var_p)
     # channels dead (constant) in either model keep their scale: there is nothing to match
     live = (sigma > 1e-6 * max(float(sigma.max(initial=0)), 1e-30)) & (sigma_p > 0)
     raw = np.where(live, sigma / np.where(live, sigma_p, 1.0), 1.0)
     a = np.clip(raw, *bounds)
-    b = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(c, w.dtype)
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    b = constant_value(node.inputs[2]) if has_bias else np.zeros(c, w.dtype)
     new_b = a * b.astype(np.float64) + mu - a * mu_p
-    index.set_initializer(node.input[1], (w * a.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype))
-    if len(node.input) > 2 and node.input[2]:
-        index.set_initializer(node.input[2], new_b.astype(b.dtype))
+    set_constant(node.inputs[1], (w * a.reshape((-1,) + (1,) * (w.ndim - 1))).astype(w.dtype))
+    if has_bias:
+        set_constant(node.inputs[2], new_b.astype(b.dtype))
     else:
-        name = index.add_initializer(new_b.astype(w.dtype), f"{node.input[1]}_bias")
-        while len(node.input) < 3:
-            node.input.append("")
-        node.input[2] = name
+        value = add_initializer(graph, new_b.astype(w.dtype), f"{node.inputs[1].name}_bias", namer)
+        if len(node.inputs) < 3:
+            node.resize_inputs(3)
+        node.replace_input_with(2, value)
     scale = np.where(sigma > 0, sigma, 1.0)
     return ChannelCorrection(
         scale_min=float(a.min()), scale_max=float(a.max()),

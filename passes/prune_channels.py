@@ -44,19 +44,23 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from pydantic import Field, NonNegativeFloat, PositiveInt
 
+from onnxopt import graph as irg
+from onnxopt.activations import activation_session
+from onnxopt.checks import infer
 from onnxopt.errors import PreconditionError
-from onnxopt.legacy_graph import (
-    GraphIndex,
-    attr,
+from onnxopt.graph import (
+    Namer,
+    clone_model,
+    constant_value,
+    drop_unused_initializers,
     initializer_bytes,
     parameter_count,
-    set_attr,
     tensor_bytes,
-    write_input_value,
 )
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 from onnxopt.stat_correction import (
     StatisticsCorrectionOptions,
     correct_channel_statistics,
@@ -64,6 +68,81 @@ from onnxopt.stat_correction import (
 )
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+# The channel analysis reasons about values by name (flows, groups and masks are keyed by the value a channel
+# set lives in); these views give it names over the IR, and every write goes through the IR's use-def.
+class _V:
+    """A node of the IR seen through the names of its inputs and outputs (read live from the node)."""
+
+    __slots__ = ("ir",)
+
+    def __init__(self, node: ir.Node):
+        self.ir = node
+
+    @property
+    def input(self) -> list[str]:
+        return [x.name if x is not None else "" for x in self.ir.inputs]
+
+    @property
+    def output(self) -> list[str]:
+        return [o.name or "" for o in self.ir.outputs]
+
+    @property
+    def op_type(self) -> str:
+        return self.ir.op_type
+
+    @property
+    def domain(self) -> str:
+        return self.ir.domain
+
+    @property
+    def name(self) -> str:
+        return self.ir.name or ""
+
+
+class _Index:
+    """Name-level reads of the main graph: values, constants, readers (as ``_V`` views, one per node)."""
+
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self._views: dict[int, _V] = {}
+        self.refresh()
+
+    def view(self, node: ir.Node) -> _V:
+        v = self._views.get(id(node))
+        if v is None:
+            v = self._views[id(node)] = _V(node)
+        return v
+
+    def refresh(self) -> None:
+        g = self.graph
+        self.nodes = [self.view(n) for n in g]
+        self.values: dict[str, ir.Value] = {v.name: v for v in g.inputs}
+        self.values.update(g.initializers)
+        for n in g:
+            for o in n.outputs:
+                if o.name:
+                    self.values[o.name] = o
+        self.initializers = {k: v for k, v in g.initializers.items() if not v.is_graph_input()}
+        self.graph_outputs = {o.name for o in g.outputs}
+
+    def constant(self, name: str) -> np.ndarray | None:
+        return constant_value(self.values.get(name)) if name else None
+
+    def uses(self, name: str) -> list[_V]:
+        v = self.values.get(name)
+        return [self.view(u.node) for u in v.uses()] if v is not None else []
+
+
+def attr(node, name: str, default=None):
+    return irg.attr(node.ir if isinstance(node, _V) else node, name, default)
+
+
+def set_attr(node, name: str, value) -> None:
+    irg.set_attr(node.ir if isinstance(node, _V) else node, name, value)
+
+
 UNARY = {"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh", "Elu", "Selu", "Softplus",
          "Softsign", "Identity", "Dropout", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "Gelu", "Mish",
          "Cast", "Floor", "Ceil", "Round", "Sign", "Reciprocal", "ThresholdedRelu", "Celu"}
@@ -154,14 +233,14 @@ class Flow:
 
 @dataclass
 class Sink:
-    node: onnx.NodeProto
+    node: _V
     value: str  # the input that loses channels
     kind: str  # conv1x1, conv, gemm, matmul
     wm: np.ndarray  # effective weights as [outputs, input features]
     bias: np.ndarray | None = None  # effective bias [outputs] of the original model
 
 
-def label(node: onnx.NodeProto) -> str:
+def label(node: _V) -> str:
     return node.name or f"{node.op_type}({node.output[0]})"
 
 
@@ -201,13 +280,12 @@ class _Tracker:
                 blocked.append(reason)
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+def _shapes(model: ir.Model) -> dict[str, list[int | None]]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        g = infer(model, strict=False).graph
     except Exception:  # noqa: BLE001 - shapes only sharpen the analysis; without them ranks come from weights
-        inferred = model
+        g = onnx.GraphProto()
     out = {}
-    g = inferred.graph
     for v in list(g.value_info) + list(g.input) + list(g.output):
         t = v.type.tensor_type
         if t.HasField("shape"):
@@ -215,12 +293,12 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     return out
 
 
-class PruneChannels(ProtoPass):
+class PruneChannels(Pass):
     name = "prune-channels"
     summary = "Structured pruning: remove whole output channels of Conv/Gemm/MatMul and the inputs that read them."
     Config = PruneChannelsConfig
 
-    def requires(self, model: onnx.ModelProto) -> None:
+    def requires(self, model: ir.Model) -> None:
         super().requires(model)
         cfg = self.config
         if self.context.calibration is None:
@@ -230,25 +308,25 @@ class PruneChannels(ProtoPass):
                 raise PreconditionError(f"{self.name}: refit needs calibration data (pass it with --calib)")
 
     # ---------------------------------------------------------------------------------------
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: ir.Model) -> PassResult:
         cfg = self.config
         has_data = self.context.calibration is not None
         criterion = cfg.criterion or ("output" if has_data else "l2")
         refit = cfg.refit if cfg.refit is not None else has_data
         g = model.graph
-        original = onnx.ModelProto()
-        original.CopyFrom(model)
-        index = GraphIndex(g)
+        original = clone_model(model)  # the unpruned graph; weights shared
+        index = _Index(g)
+        self.namer = Namer(g)
         shapes = _shapes(model)
         tr = _Tracker()
         flows: dict[str, Flow] = {}
-        sources: dict[str, tuple[onnx.NodeProto, int]] = {}  # node name -> (node, group id)
+        sources: dict[str, tuple[_V, int]] = {}  # node name -> (node, group id)
         sinks: list[Sink] = []
-        reshapes: list[onnx.NodeProto] = []
+        reshapes: list[_V] = []
         before = parameter_count(g)
-        layer_before = {label(n): self._node_params(index, n) for n in g.node}
+        layer_before = {label(n): self._node_params(index, n) for n in index.nodes}
 
-        for node in g.node:
+        for node in index.nodes:
             self._visit(node, index, shapes, tr, flows, sources, sinks, reshapes)
         for name in index.graph_outputs:
             tr.block(flows.get(name), f"reaches graph output {name!r}")
@@ -279,10 +357,10 @@ class PruneChannels(ProtoPass):
         elif cfg.bias_correction and prunable:
             # no data: a removed channel is taken as what it holds with its weights zeroed (its bias,
             # pushed through the followers), which the consumers' biases absorb
-            consts = self._constant_channels(g, index, flows, sources)
+            consts = self._constant_channels(index, flows, sources)
             stats = {s.value: {"mean": np.nan_to_num(consts[s.value]), "gram": None, "sq": None, "rows": 0}
                      for s in sinks if s.value in consts}
-        gains = (self._gains(g, index, flows, sources, 1 if criterion == "l1" else 2)
+        gains = (self._gains(index, flows, sources, 1 if criterion == "l1" else 2)
                  if criterion != "output" and cfg.downstream else None)
         scores = {r: self._scores(r, tr, sources, index, criterion, sinks, flows, stats if has_data else None,
                                   gains) for r in prunable}
@@ -315,26 +393,28 @@ class PruneChannels(ProtoPass):
         pair_refit = refit and stats is not None and cfg.refit_inputs == "pruned"
         refits = self._rewrite(index, sources, sinks, reshapes, flows, mask_of, stats, refit and not pair_refit)
         # shapes recorded for the traced values are stale (shape-inference recomputes them)
-        keep_vi = [v for v in g.value_info if v.name not in flows]
-        del g.value_info[:]
-        g.value_info.extend(keep_vi)
+        for name in flows:
+            v = index.values.get(name)
+            if v is not None and not v.is_graph_input() and not v.is_graph_output():
+                v.shape = None
         if pair_refit:
             targets = [s for s in sinks if s.kind in ("conv1x1", "gemm") and mask_of(s.value) is not None
                        and s.wm.shape[1] <= cfg.max_refit_dim]
             for _ in range(cfg.refit_rounds):
                 refits = self._pair_refit(original, model, index, targets, mask_of)
+        drop_unused_initializers(g)
         index.refresh()
-        index.prune_unused_initializers()
         corrected = {}
         if cfg.statistics_correction and has_data:
-            channels = {n.output[0]: np.flatnonzero(m) for n in g.node
+            channels = {n.output[0]: np.flatnonzero(m) for n in index.nodes
                         if n.op_type == "Conv" and (m := mask_of(n.output[0])) is not None}
             corrected = correct_channel_statistics(
                 model, original, self.context.calibration, channels=channels, batch_size=cfg.batch_size,
                 max_samples=cfg.correction_samples, progress=self.context.progress, what=self.name)
         after = parameter_count(g)
         layers = {}
-        for n in g.node:
+        index.refresh()
+        for n in index.nodes:
             name = label(n)
             p = self._node_params(index, n)
             if name in layer_before and p != layer_before[name]:
@@ -353,10 +433,10 @@ class PruneChannels(ProtoPass):
 
     # ---------------------------------------------------------------------------------------
     @staticmethod
-    def _node_params(index: GraphIndex, node: onnx.NodeProto) -> tuple[int, int]:
+    def _node_params(index: _Index, node: _V) -> tuple[int, int]:
         """(parameters, bytes) of the initializers a node reads."""
-        ts = [index.initializers[x] for x in node.input if x in index.initializers]
-        return sum(int(np.prod(t.dims, dtype=np.int64)) for t in ts), sum(tensor_bytes(t) for t in ts)
+        ts = [index.initializers[x].const_value for x in node.input if x in index.initializers]
+        return sum(int(t.size) for t in ts), sum(tensor_bytes(t) for t in ts)
 
     @staticmethod
     def _sink_roots(s: Sink, flows: dict[str, Flow], tr: _Tracker) -> set[int]:
@@ -545,21 +625,17 @@ class PruneChannels(ProtoPass):
         return True
 
     # ---------------------------------------------------------------------------------------
-    def _collect(self, model: onnx.ModelProto, sinks: list[Sink]) -> dict[str, dict[str, np.ndarray]]:
+    def _collect(self, model: ir.Model, sinks: list[Sink]) -> dict[str, dict[str, np.ndarray]]:
         """Per sink input: mean, and the Gram matrix (or only its diagonal above ``max_refit_dim``)."""
-        from onnxopt.runtime import make_session, run_batch
+        from onnxopt.runtime import run_batch
 
         cfg = self.config
         values = sorted({s.value for s in sinks})
         if not values:
             return {}
-        graph_inputs = {i.name for i in model.graph.input}
+        graph_inputs = {i.name for i in model.graph.inputs}
         fetch = [v for v in values if v not in graph_inputs]
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
-        have = {o.name for o in work.graph.output}
-        work.graph.output.extend(onnx.ValueInfoProto(name=v) for v in fetch if v not in have)
-        session = make_session(work, opt_level="basic", what=f"model ({self.name} calibration)")
+        session = activation_session(model, fetch, opt_level="basic", what=f"model ({self.name} calibration)")
         feed_names = {i.name for i in session.get_inputs()}
         strides = {}
         for s in sinks:
@@ -659,12 +735,12 @@ class PruneChannels(ProtoPass):
         return total
 
     @staticmethod
-    def _gains(graph, index, flows, sources, p: int) -> dict[str, np.ndarray]:
+    def _gains(index, flows, sources, p: int) -> dict[str, np.ndarray]:
         """Per traced value, how much each channel was scaled since its source (depthwise kernels' norms,
         BatchNorm scales, per-channel constant factors)."""
         source_ids = {id(n) for n, _ in sources.values()}
         val: dict[str, np.ndarray] = {}
-        for node in graph.node:
+        for node in index.nodes:
             if not node.output or node.output[0] not in flows or node.domain not in DEFAULT_DOMAINS:
                 continue
             f = flows[node.output[0]]
@@ -735,13 +811,18 @@ class PruneChannels(ProtoPass):
         return keep
 
     # ---------------------------------------------------------------------------------------
+    def _write(self, index: _Index, node: _V, pos: int, value: np.ndarray) -> None:
+        """Give input ``pos`` of ``node`` the value (in place unless another node reads the old one)."""
+        irg.own_initializer(index.graph, node.ir, pos, np.asarray(value), self.namer,
+                            base_name=None if pos < len(node.input) and node.input[pos]
+                            else f"{node.output[0]}_bias")
+
     def _rewrite(self, index, sources, sinks, reshapes, flows, mask_of, stats, refit) -> dict[str, dict[str, float]]:
-        write = write_input_value
-        g = index.graph
+        write = self._write
         refits: dict[str, dict[str, float]] = {}
         sink_by_node = {id(s.node): s for s in sinks}
         source_ids = {id(n) for n, _ in sources.values()}
-        for node in list(g.node):
+        for node in list(index.nodes):
             op = node.op_type
             out_mask = mask_of(node.output[0]) if node.output and node.output[0] else None
             in_mask = mask_of(node.input[0]) if node.input and node.input[0] else None
@@ -907,9 +988,8 @@ class PruneChannels(ProtoPass):
             self._write_sink(index, s.node, best, bias)
         return refits
 
-    @staticmethod
-    def _write_sink(index, node, wk: np.ndarray, bias: np.ndarray) -> None:
-        write = write_input_value
+    def _write_sink(self, index, node, wk: np.ndarray, bias: np.ndarray) -> None:
+        write = self._write
         dtype = index.constant(node.input[1]).dtype
         if node.op_type == "Conv":
             write(index, node, 1, wk.reshape(wk.shape + (1, 1)).astype(dtype))
@@ -923,19 +1003,15 @@ class PruneChannels(ProtoPass):
     def _collect_pairs(self, original, current, targets: list[Sink]) -> dict[str, dict[str, Any]]:
         """Moments of each target's input in the original model (x) and the current one (t): sums, Gram
         matrices of each, and the cross products t^T x, over the same positions of the same samples."""
-        from onnxopt.runtime import make_session, run_batch
+        from onnxopt.runtime import run_batch
 
         cfg = self.config
         values = sorted({s.value for s in targets})
-        graph_inputs = {i.name for i in original.graph.input}
+        graph_inputs = {i.name for i in original.graph.inputs}
         fetch = [v for v in values if v not in graph_inputs]
 
         def exposed(m, what):
-            work = onnx.ModelProto()
-            work.CopyFrom(m)
-            have = {o.name for o in work.graph.output}
-            work.graph.output.extend(onnx.ValueInfoProto(name=v) for v in fetch if v not in have)
-            return make_session(work, opt_level="basic", what=f"{what} model ({self.name} refit)")
+            return activation_session(m, fetch, opt_level="basic", what=f"{what} model ({self.name} refit)")
 
         s_orig, s_cur = exposed(original, "original"), exposed(current, "pruned")
         feed_names = {i.name for i in s_orig.get_inputs()}
@@ -982,7 +1058,7 @@ class PruneChannels(ProtoPass):
 
     # ---------------------------------------------------------------------------------------
     @staticmethod
-    def _constant_channels(graph, index, flows, sources) -> dict[str, np.ndarray]:
+    def _constant_channels(index, flows, sources) -> dict[str, np.ndarray]:
         """Per traced value, what each channel holds when its source's weights are zero: the source's bias
         pushed through the followers (spatial borders of padded depthwise convs aside); NaN where unknown."""
         source_ids = {id(n) for n, _ in sources.values()}
@@ -1004,7 +1080,7 @@ class PruneChannels(ProtoPass):
                 return np.full(n, np.nan)
             return np.broadcast_to(c.astype(np.float64).reshape(-1), (n,)).copy()
 
-        for node in graph.node:
+        for node in index.nodes:
             if not node.output or node.output[0] not in flows or node.domain not in DEFAULT_DOMAINS:
                 continue
             f = flows[node.output[0]]

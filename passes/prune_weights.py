@@ -79,23 +79,26 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper
-from onnxopt.passes.lowrank_svd import (
-    GramRequest,
-    collect_grams,
-    constant_weight,
-    fold_into_following_add,
-    node_label,
-    single_threaded_blas,
-)
-from onnxopt.passes.lowrank_tucker import Geometry
 from pydantic import Field, PositiveInt, field_validator
 
 from onnxopt import compression
+from onnxopt.activations import GramRequest, collect_grams, single_threaded_blas
 from onnxopt.errors import OnnxoptError, PreconditionError
-from onnxopt.legacy_graph import GraphIndex, attr
-from onnxopt.model_io import atomic_write
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
+from onnxopt.graph import (
+    Namer,
+    add_initializer,
+    attr,
+    clone_model,
+    constant_value,
+    is_initializer,
+    make_node,
+    set_constant,
+)
+from onnxopt.layers import Geometry, constant_weight, fold_into_following_add, node_label
+from onnxopt.model_io import atomic_write, from_proto, to_proto
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 from onnxopt.stat_correction import (
     ChannelCorrection,
     StatisticsCorrectionOptions,
@@ -410,13 +413,18 @@ class LayerStats:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class _Layer:
-    node: onnx.NodeProto
+    node: ir.Node
     label: str
     weight: str
-    w: np.ndarray  # the initializer as stored
+    value: ir.Value  # the weight's initializer (read when needed: memory-mapped for external data)
     kind: str  # "conv", "gemm-t" (Gemm transB=1: [N, K]), "kn" (Gemm transB=0 / MatMul: [K, N])
     act: str
     rows: Any  # callable: activation -> [n, reduction] rows in the matrix's column order
+
+    @property
+    def w(self) -> np.ndarray:
+        """The initializer as stored (read-only)."""
+        return constant_value(self.value)
 
     def matrix(self) -> np.ndarray:
         """[outputs, reduction] float64, reduction in p-major order for convs (kernel offset, then channel)
@@ -458,13 +466,14 @@ def _rows_transposed(k: int):
     return lambda x: x.reshape(k, -1).T
 
 
-def _targets(index: GraphIndex, skipped: dict[str, str]) -> list[_Layer]:
+def _targets(graph: ir.Graph, skipped: dict[str, str]) -> list[_Layer]:
     out = []
-    for node in index.graph.node:
-        if node.domain not in DEFAULT_DOMAINS or node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+    for node in graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
             continue
-        w = constant_weight(index, node.input[1])
-        if w is None or index.constant(node.input[0]) is not None:
+        wv, xv = node.inputs[1], node.inputs[0]
+        w = constant_weight(wv)
+        if w is None or xv is None or constant_value(xv) is not None:
             continue
         label = node_label(node)
         if node.op_type == "Conv":
@@ -475,7 +484,7 @@ def _targets(index: GraphIndex, skipped: dict[str, str]) -> list[_Layer]:
                 continue
             c_in, p = w.shape[1], math.prod(w.shape[2:])
             geometry = Geometry.of(node, tuple(int(k) for k in w.shape[2:]))
-            layer = _Layer(node, label, node.input[1], w, "conv", node.input[0], _pmajor_rows(geometry, c_in, p))
+            layer = _Layer(node, label, wv.name, wv, "conv", xv.name, _pmajor_rows(geometry, c_in, p))
         else:
             if w.ndim != 2:
                 continue
@@ -483,10 +492,10 @@ def _targets(index: GraphIndex, skipped: dict[str, str]) -> list[_Layer]:
             trans_a = node.op_type == "Gemm" and bool(attr(node, "transA", 0))
             kind, k = ("gemm-t", w.shape[1]) if trans_b else ("kn", w.shape[0])
             rows = _rows_transposed(k) if trans_a else _rows_last(k)
-            layer = _Layer(node, label, node.input[1], w, kind, node.input[0], rows)
-        others = [u for u in index.uses(node.input[1]) if u is not node]
+            layer = _Layer(node, label, wv.name, wv, kind, xv.name, rows)
+        others = [u for u in wv.consumers() if u is not node]
         if others:
-            skipped[label] = f"weight {node.input[1]!r} is shared with {len(others)} other node(s)"
+            skipped[label] = f"weight {wv.name!r} is shared with {len(others)} other node(s)"
             continue
         out.append(layer)
     return out
@@ -495,7 +504,7 @@ def _targets(index: GraphIndex, skipped: dict[str, str]) -> list[_Layer]:
 # --------------------------------------------------------------------------------------------
 # The pass
 # --------------------------------------------------------------------------------------------
-class PruneWeights(ProtoPass):
+class PruneWeights(Pass):
     name = "prune-weights"
     summary = ("Zero weights of Conv/Gemm/MatMul layers (unstructured or N:M; per layer or one global "
                "threshold); data-aware with --calib: re-fit the kept weights (SparseGPT/OBS), masks to a sidecar.")
@@ -507,7 +516,7 @@ class PruneWeights(ProtoPass):
             return "data-aware" if self.context.calibration is not None else "magnitude"
         return m
 
-    def requires(self, model: onnx.ModelProto) -> None:
+    def requires(self, model: ir.Model) -> None:
         super().requires(model)
         if self.config.method == "data-aware" and self.context.calibration is None:
             raise PreconditionError("prune-weights: method 'data-aware' needs calibration data (pass it with --calib)")
@@ -593,23 +602,23 @@ class PruneWeights(ProtoPass):
         out.update(global_masks(pooled, cfg.sparsity))
         return out
 
-    def call(self, model: onnx.ModelProto) -> PruneWeightsResult:
+    def call(self, model: ir.Model) -> PruneWeightsResult:
         cfg: PruneWeightsConfig = self.config  # type: ignore[assignment]
         method = self.resolved_method()
-        index = GraphIndex(model.graph)
+        self.namer = Namer(model.graph)
+        self.graph = model.graph
         result = PruneWeightsResult(model, False, method=method)
         reference = None
         if cfg.statistics_correction and self.context.calibration is not None:
-            reference = onnx.ModelProto()
-            reference.CopyFrom(model)
-        chosen = self._select(_targets(index, result.skipped), result)
+            reference = clone_model(model)  # the unpruned graph; weights shared (passes never write into them)
+        chosen = self._select(_targets(model.graph, result.skipped), result)
         fixed = self._fixed_masks(chosen, result, method)
         chosen = [t for t in chosen if t.label not in result.skipped]
         if method == "data-aware" and chosen:
-            self._data_aware(model, index, chosen, fixed, result)
+            self._data_aware(model, chosen, fixed, result)
         else:
             for t in chosen:
-                result.layers[t.label] = self._prune(index, t, method, fixed.get(t.weight), None, result)
+                result.layers[t.label] = self._prune(t, method, fixed.get(t.weight), None, result)
         result.modified = any(p.pruned for p in result.layers.values())
         if reference is not None and result.modified:
             result.corrected = correct_channel_statistics(
@@ -621,7 +630,7 @@ class PruneWeights(ProtoPass):
         result.details = self._details(result)
         return result
 
-    def _data_aware(self, model: onnx.ModelProto, index: GraphIndex, chosen: list[_Layer],
+    def _data_aware(self, model: ir.Model, chosen: list[_Layer],
                     fixed: dict[str, np.ndarray], result: PruneWeightsResult) -> None:
         """Layers in groups (graph order): one calibration run over the model as pruned so far per group, then
         each layer of the group re-fit on its inputs, so later layers also absorb the earlier layers' error."""
@@ -647,8 +656,7 @@ class PruneWeights(ProtoPass):
         for i, group in enumerate(sequential_groups(chosen, cfg.sequential_runs)):
             if i == 0:
                 if cfg.error_correction and cfg.sequential_runs > 1:
-                    reference = onnx.ModelProto()
-                    reference.CopyFrom(model)
+                    reference = clone_model(model)
                 single = original if original is not None else self._collect(model, group)
                 stats = {k: LayerStats(v.gram, v.mean, v.rows) for k, v in single.items()}
             elif reference is not None and not any(attr(t.node, "transA", 0) for t in group):
@@ -658,22 +666,24 @@ class PruneWeights(ProtoPass):
             result.calibration_samples = self._samples
             with single_threaded_blas():
                 for t in group:
-                    result.layers[t.label] = self._prune(index, t, "data-aware", fixed.get(t.weight), stats[t.label],
+                    result.layers[t.label] = self._prune(t, "data-aware", fixed.get(t.weight), stats[t.label],
                                                          result)
 
-    def _collect_paired(self, model: onnx.ModelProto, reference: onnx.ModelProto,
+    def _collect_paired(self, model: ir.Model, reference: ir.Model,
                         layers: list[_Layer]) -> dict[str, LayerStats]:
         """One run of the pruned model beside the original: each layer's input Gram, and its cross moments
         with the original model's input to the same layer (the two inputs concatenated, one Gram)."""
         pair, prefix = paired_model(model, reference)
-        index = GraphIndex(pair.graph)
+        namer = Namer(pair.graph)
+        values = {o.name: o for n in pair.graph for o in n.outputs}
+        values.update({v.name: v for v in pair.graph.inputs})
         requests = {}
         for t in layers:
-            both = index.unique_name(f"{t.act}/paired")
             axis = 1 if t.kind == "conv" else -1
-            pair.graph.node.append(helper.make_node("Concat", [prefix + t.act, t.act], [both], axis=axis,
-                                                    name=index.unique_name(f"{t.act}/paired/concat")))
-            requests[t.label] = GramRequest(both, 2 * t.matrix().shape[1], _paired_rows(t))
+            concat = make_node("Concat", [values[prefix + t.act], values[t.act]], {"axis": axis},
+                               outputs=[namer.unique(f"{t.act}/paired")], name=namer.unique(f"{t.act}/paired/concat"))
+            pair.graph.append(concat)
+            requests[t.label] = GramRequest(concat.outputs[0].name, 2 * t.matrix().shape[1], _paired_rows(t))
         single = self._collect(pair, [], requests)
         out = {}
         for t in layers:
@@ -683,7 +693,7 @@ class PruneWeights(ProtoPass):
                                         gram_orig=g[:k, :k])
         return out
 
-    def _collect_halves(self, model: onnx.ModelProto, layers: list[_Layer]) -> tuple[dict, dict]:
+    def _collect_halves(self, model: ir.Model, layers: list[_Layer]) -> tuple[dict, dict]:
         """The layers' input statistics on the first and on the second half of the calibration samples."""
         cfg: PruneWeightsConfig = self.config  # type: ignore[assignment]
         source = self.context.calibration
@@ -717,7 +727,7 @@ class PruneWeights(ProtoPass):
                 best, best_err = lam, err
         return best
 
-    def _collect(self, model: onnx.ModelProto, layers: list[_Layer], requests: dict | None = None,
+    def _collect(self, model: ir.Model, layers: list[_Layer], requests: dict | None = None,
                  source=None) -> dict:
         cfg: PruneWeightsConfig = self.config  # type: ignore[assignment]
         if requests is None:
@@ -747,7 +757,7 @@ class PruneWeights(ProtoPass):
                                ** 2 if s > 0 else 0.0 for s in ALLOCATION_GRID])
         return curve / len(pairs)
 
-    def _prune(self, index: GraphIndex, t: _Layer, method: str, keep: np.ndarray | None, stats: LayerStats | None,
+    def _prune(self, t: _Layer, method: str, keep: np.ndarray | None, stats: LayerStats | None,
                result: PruneWeightsResult) -> LayerPruning:
         cfg: PruneWeightsConfig = self.config  # type: ignore[assignment]
         w = t.matrix()
@@ -775,55 +785,57 @@ class PruneWeights(ProtoPass):
             if cfg.bias_correction:
                 mean_orig = stats.mean if stats.mean_orig is None else stats.mean_orig
                 delta = w @ mean_orig - new @ stats.mean  # [outputs]: mean output change
-                info.bias_corrected = self._add_bias(index, t, delta)
+                info.bias_corrected = self._add_bias(t, delta)
             info.output_error = stats.rel_error(new, w, info.bias_corrected)
         new_w = t.from_matrix(new).astype(t.w.dtype)
         mask = _from_matrix_mask(t, keep_m_final)
         new_w[~mask] = 0  # exact zeros in storage, whatever rounding did
-        index.set_initializer(t.weight, new_w)
+        set_constant(t.value, new_w)
         result.masks[t.weight] = mask
         info.pruned = int((~mask).sum())
         return info
 
-    def _add_bias(self, index: GraphIndex, t: _Layer, delta: np.ndarray) -> bool:
+    def _add_bias(self, t: _Layer, delta: np.ndarray) -> bool:
         """Add ``delta`` [outputs] to the layer's output through its bias; False if there is no safe place."""
         node = t.node
+        g = self.graph
         if not np.any(delta):
             return False
         dtype = t.w.dtype
-        if node.op_type == "Conv":
-            if len(node.input) > 2 and node.input[2]:
-                b = index.constant(node.input[2])
-                if b is None or node.input[2] not in index.initializers or len(index.uses(node.input[2])) > 1:
-                    return False
-                index.set_initializer(node.input[2], (b + delta).astype(b.dtype))
-                return True
-            _set_third_input(node, index.add_initializer(delta.astype(dtype), f"{t.weight}_bias"))
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        if node.op_type in ("Conv", "Gemm") and c is not None:
+            beta = float(attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
+            b = constant_value(c)
+            if b is None or beta == 0 or not is_initializer(c) or len(c.uses()) > 1:
+                return False
+            if node.op_type == "Conv":
+                set_constant(c, (b + delta).astype(b.dtype))
+            else:
+                new_c = np.broadcast_to(b, np.broadcast_shapes(b.shape, delta.shape)) + delta / beta
+                set_constant(c, new_c.astype(b.dtype))
             return True
-        if node.op_type == "Gemm":
-            beta = float(attr(node, "beta", 1.0))
-            if len(node.input) > 2 and node.input[2]:
-                c = index.constant(node.input[2])
-                if c is None or beta == 0 or node.input[2] not in index.initializers or \
-                        len(index.uses(node.input[2])) > 1:
-                    return False
-                new_c = np.broadcast_to(c, np.broadcast_shapes(c.shape, delta.shape)) + delta / beta
-                index.set_initializer(node.input[2], new_c.astype(c.dtype))
-                return True
-            _set_third_input(node, index.add_initializer(delta.astype(dtype), f"{t.weight}_bias"))
-            for a in [a for a in node.attribute if a.name == "beta"]:
-                node.attribute.remove(a)  # the new C is the correction itself
+        if node.op_type in ("Conv", "Gemm"):
+            value = add_initializer(g, delta.astype(dtype), f"{t.weight}_bias", self.namer)
+            if len(node.inputs) < 3:
+                node.resize_inputs(3)
+            node.replace_input_with(2, value)
+            if node.op_type == "Gemm":
+                node.attributes.pop("beta", None)  # the new C is the correction itself
             return True
-        if fold_into_following_add(index, node, delta):
+        if fold_into_following_add(node, delta):
             return True
-        out = node.output[0]
-        mid = index.unique_name(f"{node.name or out}/prune/out")
-        node.output[0] = mid
-        d_name = index.add_initializer(delta.astype(dtype), f"{t.weight}_bias")
-        add = helper.make_node("Add", [mid, d_name], [out], name=index.unique_name(f"{node.name or out}/prune/bias"))
-        pos = next(i for i, n in enumerate(index.graph.node) if n is node)
-        index.graph.node.insert(pos + 1, add)
-        index.refresh()
+        out = node.outputs[0]
+        name = out.name
+        d = add_initializer(g, delta.astype(dtype), f"{t.weight}_bias", self.namer)
+        add = make_node("Add", [], name=self.namer.unique(f"{node.name or name}/prune/bias"))
+        out.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
+        add.resize_inputs(2)
+        add.replace_input_with(0, out)
+        add.replace_input_with(1, d)
+        g.insert_after(node, add)
+        out.name = self.namer.unique(f"{node.name or name}/prune/out")
+        add.outputs[0].name = name
+        add.outputs[0].type, add.outputs[0].shape = out.type, out.shape
         return True
 
     def _details(self, result: PruneWeightsResult) -> dict[str, Any]:
@@ -892,30 +904,37 @@ def allocate_sparsity(curves: dict[str, np.ndarray], sizes: dict[str, int], targ
     return out
 
 
-def paired_model(model: onnx.ModelProto, reference: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
-    """``model`` with a copy of ``reference`` beside it (every name prefixed), reading the same graph inputs."""
+def paired_model(model: ir.Model, reference: ir.Model) -> tuple[ir.Model, str]:
+    """``model`` with a copy of ``reference`` beside it (every name prefixed), reading the same graph inputs.
+
+    Built with ``onnx.compose.add_prefix`` on protobufs: an evaluation model for the error correction (the
+    pruned model and the reference, weights read in), not a rewrite of the model itself."""
     from onnx.compose import add_prefix
 
-    taken = {n for g in (model.graph,) for n in [*(x.name for x in g.node), *(x for n in g.node for x in n.output),
-                                                *(x.name for x in g.initializer), *(x.name for x in g.input)]}
+    def proto(m: ir.Model) -> onnx.ModelProto:
+        has_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in m.graph.initializers.values())
+        return to_proto(ir.external_data.load_to_model(clone_model(m)) if has_external else m)
+
+    ours_proto = proto(model)
+    g = ours_proto.graph
+    taken = {*(x.name for x in g.node), *(x for n in g.node for x in n.output), *(x.name for x in g.initializer),
+             *(x.name for x in g.input)}
     prefix = "reference/"
     while any(n.startswith(prefix) for n in taken):
         prefix = "_" + prefix
-    ref = add_prefix(reference, prefix)
-    pair = onnx.ModelProto()
-    pair.CopyFrom(model)
-    ours = {i.name for i in model.graph.input}
+    ref = add_prefix(proto(reference), prefix)
+    ours = {i.name for i in g.input}
     for i in ref.graph.input:
         name = i.name[len(prefix):]
         if name in ours:
-            pair.graph.node.append(helper.make_node("Identity", [name], [i.name], name=f"{prefix}{name}/feed"))
+            g.node.append(helper.make_node("Identity", [name], [i.name], name=f"{prefix}{name}/feed"))
         else:
-            pair.graph.input.append(i)
-    pair.graph.node.extend(ref.graph.node)
-    pair.graph.initializer.extend(ref.graph.initializer)
-    pair.graph.sparse_initializer.extend(ref.graph.sparse_initializer)
-    pair.graph.value_info.extend(ref.graph.value_info)
-    return pair, prefix
+            g.input.append(i)
+    g.node.extend(ref.graph.node)
+    g.initializer.extend(ref.graph.initializer)
+    g.sparse_initializer.extend(ref.graph.sparse_initializer)
+    g.value_info.extend(ref.graph.value_info)
+    return from_proto(ours_proto), prefix
 
 
 def _paired_rows(t: _Layer):
@@ -966,13 +985,6 @@ def sequential_groups(layers: list, runs: int) -> list[list]:
     runs = min(runs, len(layers))
     cuts = [round(i * len(layers) / runs) for i in range(runs + 1)]
     return [list(layers[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-
-
-def _set_third_input(node: onnx.NodeProto, name: str) -> None:
-    if len(node.input) > 2:
-        node.input[2] = name
-    else:
-        node.input.append(name)
 
 
 def _as_matrix(t: _Layer, mask: np.ndarray) -> np.ndarray:

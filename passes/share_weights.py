@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 from pydantic import Field
 
 from onnxopt.errors import PreconditionError
-from onnxopt.legacy_graph import GraphIndex, attr
-from onnxopt.pass_infra import PassConfig, PassResult, ProtoPass
+from onnxopt.graph import attr, constant_value, is_initializer, is_op, set_constant
+from onnxopt.pass_infra import Pass, PassConfig, PassResult
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 INT8_TYPES = (np.int8, np.uint8)
 
 
@@ -88,40 +87,41 @@ def share(q: np.ndarray, zero_point: np.ndarray, scale2: np.ndarray, bits: int,
     return np.clip(out + zero_point, info.min, info.max).astype(q.dtype)
 
 
-class ShareWeights(ProtoPass):
+class ShareWeights(Pass):
     name = "share-weights"
     summary = ("Weight sharing: cluster each 8-bit weight tensor of a QDQ model into 2**bits values (k-means, "
                "zero point kept) so entropy coding stores about `bits` per weight.")
     Config = ShareWeightsConfig
 
-    def requires(self, model: onnx.ModelProto) -> None:
+    def requires(self, model: ir.Model) -> None:
         super().requires(model)
-        if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+        if not any(n.op_type == "DequantizeLinear" for n in model.graph):
             raise PreconditionError("share-weights: the model has no DequantizeLinear; run quantize-qdq first")
 
-    def call(self, model: onnx.ModelProto) -> ShareWeightsResult:
+    def call(self, model: ir.Model) -> ShareWeightsResult:
         cfg: ShareWeightsConfig = self.config  # type: ignore[assignment]
-        index = GraphIndex(model.graph)
         result = ShareWeightsResult(model, False)
         skipped: dict[str, str] = {}
-        for node in list(model.graph.node):
-            if node.domain not in DEFAULT_DOMAINS or node.op_type != "DequantizeLinear":
+        for node in list(model.graph):
+            if not is_op(node, "DequantizeLinear"):
                 continue
-            name = node.input[0]
-            if name in result.tensors or name not in index.initializers:
+            qv = node.inputs[0]
+            name = qv.name
+            if name in result.tensors or not is_initializer(qv):
                 continue
-            q = index.constant(name)
+            q = constant_value(qv)
             if q is None or q.dtype.type not in INT8_TYPES or q.size < cfg.min_elements:
                 continue
             if attr(node, "block_size", 0):
                 skipped[name] = "block quantization"
                 continue
-            if any(u.op_type != "DequantizeLinear" for u in index.uses(name)):
+            if any(u.op_type != "DequantizeLinear" for u in qv.consumers()):
                 skipped[name] = "read by a node other than DequantizeLinear"
                 continue
-            scale = index.constant(node.input[1])
-            zp = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-            if scale is None or (len(node.input) > 2 and node.input[2] and zp is None):
+            has_zp = len(node.inputs) > 2 and node.inputs[2] is not None
+            scale = constant_value(node.inputs[1])
+            zp = constant_value(node.inputs[2]) if has_zp else None
+            if scale is None or (has_zp and zp is None):
                 skipped[name] = "scale or zero point is not constant"
                 continue
             zp = np.zeros((), np.int64) if zp is None else zp.astype(np.int64)
@@ -138,7 +138,7 @@ class ShareWeights(ProtoPass):
             result.tensors[name] = SharedTensor(name, int(q.size), int(np.unique(q).size), int(np.unique(new).size),
                                                 float(np.linalg.norm(new_f - old_f)) / den if den else 0.0)
             if not np.array_equal(new, q):
-                index.set_initializer(name, new)
+                set_constant(qv, new)
                 result.modified = True
         result.details = self._details(result, skipped)
         return result

@@ -5,6 +5,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.data import from_arrays
+from onnxopt.model_io import from_proto, to_proto
 from onnxopt.stat_correction import (
     channel_moments,
     correct_channel_statistics,
@@ -64,7 +65,7 @@ def data(model, n=48, seed=7):
 
 def test_prefix_model_computes_only_the_ancestors_and_the_same_values():
     model = cnn()
-    pre = prefix_model(model, ["r1"])
+    pre = to_proto(prefix_model(model, ["r1"]))
     assert [n.name for n in pre.graph.node] == ["conv1", "relu6"]
     assert {t.name for t in pre.graph.initializer} == {"w1", "b1", "lo", "hi"}
     x = rand(2, 4, 6, 6, seed=3)
@@ -82,7 +83,7 @@ def test_moments_match_numpy():
     model = cnn()
     src = data(model, n=20)
     [(mean, var)] = channel_moments(model, ["h1"], src, batch_size=6, max_samples=None, what="t")
-    pre = prefix_model(model, ["h1"])
+    pre = to_proto(prefix_model(model, ["h1"]))
     h = ort.InferenceSession(pre.SerializeToString()).run(["h1"], {"x": src.arrays["x"]})[0].astype(np.float64)
     np.testing.assert_allclose(mean, h.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, h.var(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
@@ -94,26 +95,26 @@ def test_moments_match_numpy():
 @pytest.mark.parametrize("bias2", [True, False])
 def test_corrected_channels_match_the_reference_statistics(bias2):
     ref = cnn(bias2=bias2)
-    model = damaged(ref)
+    model = from_proto(damaged(ref))
     src = data(ref)
     before = channel_moments(model, ["h1", "h2"], src, batch_size=16, max_samples=None, what="t")
     want = channel_moments(ref, ["h1", "h2"], src, batch_size=16, max_samples=None, what="t")
     report = correct_channel_statistics(model, ref, src, bounds=(1e-3, 1e3), max_samples=None)
     assert set(report) == {"conv1", "conv2"}  # the Gemm is not a conv: left alone
     assert report["conv1"].mean_drift > 0.05 and report["conv1"].clipped == 0
-    onnx.checker.check_model(model, full_check=True)
+    onnx.checker.check_model(to_proto(model), full_check=True)
     got = channel_moments(model, ["h1", "h2"], src, batch_size=16, max_samples=None, what="t")
     for (m, v), (m0, v0), (mb, vb) in zip(got, want, before, strict=True):
         sd = np.sqrt(v0)
         assert np.max(np.abs(mb - m0) / sd) > 0.1 and np.max(np.abs(np.sqrt(vb) / sd - 1)) > 0.1  # damage visible
         np.testing.assert_allclose(m / sd, m0 / sd, atol=1e-4)
         np.testing.assert_allclose(np.sqrt(v), sd, rtol=1e-4)
-    w0, w = weights(damaged(ref)), weights(model)
+    w0, w = weights(damaged(ref)), weights(to_proto(model))
     for name in ("w1", "w2"):
         assert np.array_equal(w[name] == 0, w0[name] == 0)  # zeros (masks) stay zeros
     np.testing.assert_array_equal(w["w3"], w0["w3"])
     np.testing.assert_array_equal(w["b3"], w0["b3"])
-    conv2 = next(n for n in model.graph.node if n.name == "conv2")
+    conv2 = next(n for n in to_proto(model).graph.node if n.name == "conv2")
     assert len(conv2.input) == 3 and conv2.input[2] in w  # a bias was added where there was none
     if not bias2:
         assert conv2.input[2] not in weights(ref)
@@ -121,17 +122,16 @@ def test_corrected_channels_match_the_reference_statistics(bias2):
 
 def test_the_reference_itself_is_left_as_it_is():
     ref = cnn(bias2=True)
-    model = onnx.ModelProto()
-    model.CopyFrom(ref)
+    model = from_proto(ref)
     report = correct_channel_statistics(model, ref, data(ref), max_samples=None)
     assert all(r.mean_drift < 1e-6 and r.scale_drift < 1e-6 for r in report.values())
-    for name, w in weights(model).items():
+    for name, w in weights(to_proto(model)).items():
         np.testing.assert_allclose(w, weights(ref)[name], rtol=1e-5, atol=1e-6)
 
 
 def test_scales_are_bounded():
     ref = cnn()
-    model = damaged(ref, shrink=0.1)  # every channel's spread falls ~10x: the scale hits the upper bound
+    model = from_proto(damaged(ref, shrink=0.1))  # every channel's spread falls ~10x: the scale hits the upper bound
     report = correct_channel_statistics(model, ref, data(ref), bounds=(0.5, 2.0), max_samples=None)
     assert report["conv1"].scale_max == pytest.approx(2.0) and report["conv1"].clipped > 0
     assert all(0.5 - 1e-9 <= r.scale_min and r.scale_max <= 2.0 + 1e-9 for r in report.values())
