@@ -40,7 +40,6 @@ from common import (  # noqa: E402
 )
 
 from onnxopt.data import from_arrays  # noqa: E402
-from onnxopt.legacy_graph import parameter_count  # noqa: E402
 from onnxopt.pass_infra import PassContext, PassManager  # noqa: E402
 from onnxopt.recipe import parse_recipe  # noqa: E402
 
@@ -103,7 +102,7 @@ def lite0_structured_rows(*, work: Path | None = None, quick: bool = False, val_
         err = (f"{np.median([v['sliced_output_error'] for v in refits]):.3f} → "
                f"{np.median([v['refit_output_error'] for v in refits]):.3f}") if refits else "–"
         rows.append([name, f"{100 * np.mean(pred == val_y):.2f}", f"{100 * np.mean(pred == ref_pred):.2f}",
-                     f"{parameter_count(m.graph) / 1e6:.2f} M", f"{file_mb(m):.2f}", f"{lat[name]:.1f}",
+                     f"{sum(int(np.prod(t.dims)) for t in m.graph.initializer) / 1e6:.2f} M", f"{file_mb(m):.2f}", f"{lat[name]:.1f}",
                      f"{lat['fp32'] / lat[name]:.2f}×", err, "–" if result is None else f"{secs:.0f}"])
     headers = ["variant", "top-1 %", "agree with fp32 %", "params", "file MB", "ms (b1, 1 thr)",
                "speed vs fp32", "median refit error (sliced → refit)", "prune s"]

@@ -111,7 +111,7 @@ class Row:
 
 def layer_errors(results, key: str = "output_error") -> tuple[int, float | None]:
     """(factorized layers, median of their ``key`` error) over the low-rank results of a pipeline."""
-    from onnxopt.passes.lowrank_svd import LowRankResult
+    from onnxopt.lowrank import LowRankResult
 
     errs, n = [], 0
     for r in results:
@@ -252,12 +252,11 @@ def minilm_int8(model: onnx.ModelProto) -> list[dict]:
     The int8 preset's calibrate pass refuses MiniLM: the attention-mask Add holds -inf by design. So the
     ranges are measured on the inputs/outputs of the weight MatMuls alone, and the activation x activation
     MatMuls (attention scores) stay in float."""
-    from onnxopt.legacy_graph import GraphIndex
-
-    index = GraphIndex(model.graph)
-    weighted = [n for n in model.graph.node if n.op_type == "MatMul" and index.constant(n.input[1]) is not None]
+    consts = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant"
+                                                          for o in n.output}
+    weighted = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
     tensors = list(dict.fromkeys(t for n in weighted for t in (n.input[0], n.output[0])))
-    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and index.constant(n.input[1]) is None]
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in consts]
     return [{"type": "calibrate", "cache": False, "tensors": tensors},
             {"type": "quantize-qdq", "op_types": ["MatMul"], "exclude_nodes": others}]
 

@@ -40,31 +40,25 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-import onnx
-from onnx import helper
+import onnx_ir as ir
 from pydantic import AfterValidator, Field
 
+from onnxopt.activations import GramRequest, InputStats, single_threaded_blas
 from onnxopt.errors import OnnxoptError
-from onnxopt.legacy_graph import GraphIndex, attr
-
-from .lowrank_svd import (
-    DEFAULT_DOMAINS,
-    GramRequest,
-    InputStats,
+from onnxopt.graph import Namer, add_initializer, attr, constant_value, make_node
+from onnxopt.layers import Geometry, constant_weight, node_label
+from onnxopt.lowrank import (
     LayerChoice,
     LowRankConfigBase,
     LowRankPassBase,
     LowRankResult,
     balance,
-    constant_weight,
     energy_kept,
     energy_rank,
     layer_gram,
     matrix_choice,
-    node_label,
     output_error,
     rel_error,
-    single_threaded_blas,
     spectrum_of,
 )
 
@@ -96,59 +90,6 @@ class LowRankTuckerResult(LowRankResult):
 # --------------------------------------------------------------------------------------------
 # Conv geometry and im2col rows
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Geometry:
-    kernel: tuple[int, ...]
-    strides: tuple[int, ...]
-    pads: tuple[int, ...]
-    dilations: tuple[int, ...]
-    auto_pad: str
-
-    @classmethod
-    def of(cls, node: onnx.NodeProto, kernel: tuple[int, ...]) -> Geometry:
-        nd = len(kernel)
-        auto_pad = attr(node, "auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-        return cls(kernel, tuple(attr(node, "strides", [1] * nd)), tuple(attr(node, "pads", [0] * (2 * nd))),
-                   tuple(attr(node, "dilations", [1] * nd)), auto_pad)
-
-    def pads_for(self, spatial: tuple[int, ...]) -> tuple[list[int], list[int]]:
-        nd = len(self.kernel)
-        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            begin, end = [], []
-            for i, size in enumerate(spatial):
-                out = -(-size // self.strides[i])
-                total = max((out - 1) * self.strides[i] + (self.kernel[i] - 1) * self.dilations[i] + 1 - size, 0)
-                small, big = total // 2, total - total // 2
-                begin.append(small if self.auto_pad == "SAME_UPPER" else big)
-                end.append(big if self.auto_pad == "SAME_UPPER" else small)
-            return begin, end
-        if self.auto_pad == "VALID":
-            return [0] * nd, [0] * nd
-        return list(self.pads[:nd]), list(self.pads[nd:])
-
-    def rows(self, c_in: int):
-        """x [N, C, *spatial] -> im2col rows [N * out positions, C * prod(k)] (c-major, like W's layout)."""
-        nd, kernel = len(self.kernel), self.kernel
-
-        def rows(x: np.ndarray) -> np.ndarray:
-            if x.ndim != nd + 2 or x.shape[1] != c_in:
-                raise OnnxoptError(f"conv input has shape {list(x.shape)}; expected [N, {c_in}, {nd} spatial dims]")
-            begin, end = self.pads_for(x.shape[2:])
-            if any(begin) or any(end):
-                x = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end, strict=True)))
-            out = [(x.shape[2 + i] - self.dilations[i] * (kernel[i] - 1) - 1) // self.strides[i] + 1
-                   for i in range(nd)]
-            cols = np.empty((x.shape[0], *out, c_in, *kernel), dtype=x.dtype)
-            for off in np.ndindex(*kernel):
-                sl = tuple(slice(off[i] * self.dilations[i], off[i] * self.dilations[i]
-                                 + (out[i] - 1) * self.strides[i] + 1, self.strides[i]) for i in range(nd))
-                cols[(Ellipsis, *off)] = np.moveaxis(x[(slice(None), slice(None), *sl)], 1, -1)
-            return cols.reshape(-1, c_in * math.prod(kernel))
-
-        return rows
-
-
 def channel_stats(patch: InputStats, c_in: int, p: int) -> InputStats:
     """Input-channel moments from the im2col patch moments (averaged over the kernel offsets)."""
     g = patch.gram.reshape(c_in, p, c_in, p)
@@ -209,16 +150,22 @@ def _alpha_for_ratio(c_in: int, c_out: int, p: int, ratio: float) -> float:
 
 @dataclass
 class _Conv:
-    node: onnx.NodeProto
+    node: ir.Node
     label: str
     weight: str
-    w: np.ndarray  # float64 [C_out, C_in, k...]
+    value: ir.Value  # the weight's initializer (read when needed)
+    shape: tuple[int, ...]  # [C_out, C_in, k...]
     dtype: np.dtype
     geometry: Geometry
 
     @property
+    def w(self) -> np.ndarray:
+        """The weights as float64 [C_out, C_in, k...]."""
+        return constant_value(self.value).astype(np.float64)
+
+    @property
     def pointwise(self) -> bool:
-        return all(k == 1 for k in self.w.shape[2:])
+        return all(k == 1 for k in self.shape[2:])
 
 
 class LowRankTucker(LowRankPassBase):
@@ -227,54 +174,57 @@ class LowRankTucker(LowRankPassBase):
                "data-aware with --calib.")
     Config = LowRankTuckerConfig
 
-    def _targets(self, index: GraphIndex, skipped: dict[str, str]) -> list[_Conv]:
+    def _targets(self, graph: ir.Graph, skipped: dict[str, str]) -> list[_Conv]:
         out = []
-        for node in index.graph.node:
-            if node.domain not in DEFAULT_DOMAINS or node.op_type != "Conv" or len(node.input) < 2:
+        for node in graph:
+            if node.domain not in ("", "ai.onnx") or node.op_type != "Conv" or len(node.inputs) < 2:
                 continue
-            w = constant_weight(index, node.input[1])
-            if w is None or w.ndim < 3 or index.constant(node.input[0]) is not None:
+            wv, xv = node.inputs[1], node.inputs[0]
+            w = constant_weight(wv)
+            if w is None or w.ndim < 3 or xv is None or constant_value(xv) is not None:
                 continue
             label = node_label(node)
-            if TUCKER_MARK in node.name:
+            if TUCKER_MARK in (node.name or ""):
                 skipped[label] = "already factorized"
                 continue
             if attr(node, "group", 1) != 1:
                 skipped[label] = f"grouped conv (group={attr(node, 'group', 1)})"
                 continue
-            others = [u for u in index.uses(node.input[1]) if u is not node]
+            others = [u for u in wv.consumers() if u is not node]
             if others:
-                skipped[label] = f"weight {node.input[1]!r} is shared with {len(others)} other node(s)"
+                skipped[label] = f"weight {wv.name!r} is shared with {len(others)} other node(s)"
                 continue
             kernel = tuple(int(k) for k in w.shape[2:])
-            out.append(_Conv(node, label, node.input[1], w.astype(np.float64), w.dtype, Geometry.of(node, kernel)))
+            out.append(_Conv(node, label, wv.name, wv, tuple(w.shape), w.dtype, Geometry.of(node, kernel)))
         return out
 
-    def call(self, model: onnx.ModelProto) -> LowRankTuckerResult:
+    def call(self, model: ir.Model) -> LowRankTuckerResult:
         method = self.resolved_method()
-        index = GraphIndex(model.graph)
+        self.graph = model.graph
+        self.namer = Namer(model.graph)
         result = LowRankTuckerResult(model, False, method=method)
-        chosen = self.choose(self._targets(index, result.skipped), result)
+        chosen = self.choose(self._targets(model.graph, result.skipped), result)
 
         def request(t: _Conv):
-            c_in = t.w.shape[1]
-            return ((t.node.input[0], c_in, t.geometry),
-                    GramRequest(t.node.input[0], c_in * math.prod(t.geometry.kernel), t.geometry.rows(c_in)))
+            c_in = t.shape[1]
+            x = t.node.inputs[0].name
+            return ((x, c_in, t.geometry),
+                    GramRequest(x, c_in * math.prod(t.geometry.kernel), t.geometry.rows(c_in)))
 
         grams = self.gather(model, chosen, request, result)
         with single_threaded_blas():
             for t in chosen:
                 gram = grams.get(t.label)
-                outcome = (self._pointwise if t.pointwise else self._tucker)(index, t, method, gram)
+                outcome = (self._pointwise if t.pointwise else self._tucker)(t, method, gram)
                 if isinstance(outcome, str):
                     result.skipped[t.label] = outcome
                 else:
                     result.layers[t.label] = outcome
-        return self.finish(index, result)
+        return self.finish(result)
 
     # --- 1x1 convs: two factors -------------------------------------------------------------
-    def _pointwise(self, index: GraphIndex, t: _Conv, method: str, stats: InputStats | None) -> LayerChoice | str:
-        c_out, c_in = t.w.shape[:2]
+    def _pointwise(self, t: _Conv, method: str, stats: InputStats | None) -> LayerChoice | str:
+        c_out, c_in = t.shape[:2]
         w = t.w.reshape(c_out, c_in).T  # as a matrix layer on im2col rows: y = x @ w
         corrected = self.corrects_bias(method, stats)
         c, alpha = layer_gram(stats, method, corrected, self.config.damping)
@@ -285,21 +235,21 @@ class LowRankTucker(LowRankPassBase):
             return f"rank {r} saves nothing: r*(C_in+C_out) = {new} >= C_in*C_out = {c_in * c_out}"
         m = matrix_choice(w, f, r, stats, method, corrected)
         choice = LayerChoice(
-            node=t.label, op_type="Conv", weight=t.weight, shape=list(t.w.shape), form="svd", rank=r, method=method,
+            node=t.label, op_type="Conv", weight=t.weight, shape=list(t.shape), form="svd", rank=r, method=method,
             params_before=c_in * c_out, params_after=new, macs_before=c_in * c_out, macs_after=new,
             weight_error=m.weight_error, output_error=m.output_error,
             weight_only_output_error=m.weight_only_output_error, energy_kept=energy_kept(f.s, r),
             bias_corrected=corrected, shrinkage=alpha)
-        ones = [1] * (t.w.ndim - 2)
-        self._emit(index, t, [(m.u.T.reshape(r, c_in, *ones), "0", True), (m.v.T.reshape(c_out, r, *ones), "1", False)],
+        ones = [1] * (len(t.shape) - 2)
+        self._emit(t, [(m.u.T.reshape(r, c_in, *ones), "0", True), (m.v.T.reshape(c_out, r, *ones), "1", False)],
                    m.delta)
         return choice
 
     # --- k x k convs: Tucker-2 ---------------------------------------------------------------
     def _tucker_ranks(self, t: _Conv):
         """(choose_in, choose_out) callables taking a spectrum."""
-        c_out, c_in = t.w.shape[:2]
-        p = math.prod(t.w.shape[2:])
+        c_out, c_in = t.shape[:2]
+        p = math.prod(t.shape[2:])
         mapped = self.mapped_rank(t.label, t.weight)
         if mapped is not None:
             if isinstance(mapped, int):
@@ -320,15 +270,16 @@ class LowRankTucker(LowRankPassBase):
         r_out = min(max(1, round(alpha * c_out)), c_out)
         return (lambda s: r_in), (lambda s: r_out)
 
-    def _tucker(self, index: GraphIndex, t: _Conv, method: str, stats: InputStats | None) -> LayerChoice | str:
-        c_out, c_in = t.w.shape[:2]
-        p = math.prod(t.w.shape[2:])
+    def _tucker(self, t: _Conv, method: str, stats: InputStats | None) -> LayerChoice | str:
+        c_out, c_in = t.shape[:2]
+        p = math.prod(t.shape[2:])
+        w64 = t.w
         choose_in, choose_out = self._tucker_ranks(t)
         corrected = self.corrects_bias(method, stats)
         channels = channel_stats(stats, c_in, p) if stats is not None else None
         damping = self.config.damping
         c_patch, alpha = layer_gram(stats, method, corrected, damping)
-        f = tucker2(t.w, layer_gram(channels, method, corrected, damping)[0], c_patch, choose_in, choose_out)
+        f = tucker2(w64, layer_gram(channels, method, corrected, damping)[0], c_patch, choose_in, choose_out)
         r_in, r_out = f.a.shape[0], f.u.shape[1]
         stride = math.prod(t.geometry.strides)
         before = c_out * c_in * p
@@ -339,56 +290,58 @@ class LowRankTucker(LowRankPassBase):
                     f"output pixel vs {before}")
         approx = f.weight()
         choice = LayerChoice(
-            node=t.label, op_type="Conv", weight=t.weight, shape=list(t.w.shape), form="tucker2",
+            node=t.label, op_type="Conv", weight=t.weight, shape=list(t.shape), form="tucker2",
             rank=[r_in, r_out], method=method, params_before=before, params_after=params, macs_before=before,
-            macs_after=macs, weight_error=rel_error(t.w - approx, t.w), bias_corrected=corrected, shrinkage=alpha)
+            macs_after=macs, weight_error=rel_error(w64 - approx, w64), bias_corrected=corrected, shrinkage=alpha)
         delta = None
         if stats is not None:
-            w0 = t.w.reshape(c_out, -1).T  # [C_in * P, C_out]: the conv as a matrix on im2col rows
+            w0 = w64.reshape(c_out, -1).T  # [C_in * P, C_out]: the conv as a matrix on im2col rows
             d0 = w0 - approx.reshape(c_out, -1).T
             choice.output_error = output_error(d0, w0, stats, corrected)
             delta = stats.mean @ d0 if corrected else None
             if method == "data-aware":
-                wo = tucker2(t.w, None, None, lambda s: r_in, lambda s: r_out).weight()
+                wo = tucker2(w64, None, None, lambda s: r_in, lambda s: r_out).weight()
                 choice.weight_only_output_error = output_error(w0 - wo.reshape(c_out, -1).T, w0, stats, False)
-        ones = [1] * (t.w.ndim - 2)
-        self._emit(index, t, [(f.a.reshape(r_in, c_in, *ones), "in", False), (f.g, "core", True),
-                              (f.u.reshape(c_out, r_out, *ones), "out", False)], delta)
+        ones = [1] * (len(t.shape) - 2)
+        self._emit(t, [(f.a.reshape(r_in, c_in, *ones), "in", False), (f.g, "core", True),
+                       (f.u.reshape(c_out, r_out, *ones), "out", False)], delta)
         return choice
 
-    def _emit(self, index: GraphIndex, t: _Conv, convs: list[tuple[np.ndarray, str, bool]],
-              delta: np.ndarray | None) -> None:
+    def _emit(self, t: _Conv, convs: list[tuple[np.ndarray, str, bool]], delta: np.ndarray | None) -> None:
         """Chain ``convs`` (weight, name suffix, keeps the geometry) in place of ``t.node``; the last gets the
         bias, plus ``delta`` (the mean output change) when given."""
+        g, namer = self.graph, self.namer
         node = t.node
-        base = node.name or node.output[0]
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        dropped, extra = [t.weight], []
-        out_name = node.output[0]
+        base = node.name or node.outputs[0].name
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        dropped, extra = [t.value], []
+        add_after = None
         if delta is not None and np.any(delta):
-            b = index.constant(bias) if bias is not None else np.zeros(len(delta), dtype=t.dtype)
+            b = constant_value(bias) if bias is not None else np.zeros(len(delta), dtype=t.dtype)
             if b is not None:
                 if bias is not None:
                     dropped.append(bias)
-                bias = index.add_initializer((b + delta).astype(b.dtype), f"{base}_lowrank_bias")
+                bias = add_initializer(g, (b + delta).astype(b.dtype), f"{base}_lowrank_bias", namer)
             else:  # a computed bias: add the correction after the last conv
-                out_name = index.unique_name(f"{base}{TUCKER_MARK}out")
-                d = index.add_initializer(delta.reshape(-1, *[1] * (t.w.ndim - 2)).astype(t.dtype),
-                                          f"{base}_lowrank_bias")
-                extra.append(helper.make_node("Add", [out_name, d], [node.output[0]],
-                                              name=index.unique_name(f"{base}{TUCKER_MARK}bias")))
-        nodes, current = [], node.input[0]
+                add_after = add_initializer(g, delta.reshape(-1, *[1] * (len(t.shape) - 2)).astype(t.dtype),
+                                            f"{base}_lowrank_bias", namer)
+        nodes, current = [], node.inputs[0]
         for i, (w, suffix, geometric) in enumerate(convs):
             last = i == len(convs) - 1
-            w_name = index.add_initializer(w.astype(t.dtype), f"{t.weight}_tucker_{suffix}")
-            inputs = [current, w_name] + ([bias] if last and bias is not None else [])
-            out = out_name if last else index.unique_name(f"{base}{TUCKER_MARK}{suffix}_out")
+            w_value = add_initializer(g, w.astype(t.dtype), f"{t.weight}_tucker_{suffix}", namer)
+            inputs = [current, w_value] + ([bias] if last and bias is not None else [])
+            out = None if last and add_after is None else [namer.unique(
+                f"{base}{TUCKER_MARK}{'out' if last else suffix + '_out'}")]
             kwargs = {"kernel_shape": list(w.shape[2:])}
             if geometric:
-                for a in node.attribute:
-                    if a.name in CONV_GEOMETRY and a.name != "kernel_shape":
-                        kwargs[a.name] = helper.get_attribute_value(a)
-            nodes.append(helper.make_node("Conv", inputs, [out], name=index.unique_name(f"{base}{TUCKER_MARK}{suffix}"),
-                                          **kwargs))
-            current = out
-        self.replace_nodes(index, node, nodes + extra, dropped)
+                for name in CONV_GEOMETRY:
+                    if name != "kernel_shape" and name in node.attributes:
+                        kwargs[name] = attr(node, name)
+            conv = make_node("Conv", inputs, kwargs, outputs=out, name=namer.unique(f"{base}{TUCKER_MARK}{suffix}"))
+            nodes.append(conv)
+            current = conv.outputs[0]
+        final = nodes[-1]
+        if add_after is not None:
+            final = make_node("Add", [current, add_after], name=namer.unique(f"{base}{TUCKER_MARK}bias"))
+            extra.append(final)
+        self.replace_nodes(node, nodes + extra, final.outputs[0], dropped)

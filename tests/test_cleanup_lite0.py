@@ -9,7 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxopt.legacy_graph import op_histogram
+from onnxopt.graph import op_histogram
+from onnxopt.model_io import from_proto
 from onnxopt.pass_infra import PassManager
 from onnxopt.recipe import load_recipe
 
@@ -58,7 +59,7 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def test_shape_and_padding_machinery_is_gone(original, cleaned):
-    before, after = op_histogram(original.graph), op_histogram(cleaned.model.graph)
+    before, after = op_histogram(from_proto(original).graph), op_histogram(from_proto(cleaned.model).graph)
     assert before["Pad"] == 17 and before["Shape"] == 1
     for op in ("Pad", "Shape", "Slice", "ConstantOfShape", "Cast", "Gather", "Concat", "Unsqueeze", "Constant",
                "Transpose"):

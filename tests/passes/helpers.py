@@ -7,7 +7,6 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxopt.legacy_graph import op_histogram
 from onnxopt.pass_infra import Pass, PassManager, PipelineResult
 
 F = TensorProto.FLOAT
@@ -95,3 +94,34 @@ def assert_idempotent(model: onnx.ModelProto, make_pass) -> None:
     again = run(model, make_pass())
     assert again.records[0].modified is False, again.records[0].details
     assert again.model.SerializeToString(deterministic=True) == model.SerializeToString(deterministic=True)
+
+
+# --- reading protobuf results in tests -------------------------------------------------------
+def op_histogram(graph: onnx.GraphProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in graph.node:
+        key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+    for op in model.opset_import:
+        if op.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return op.version
+    return 0
+
+
+def producer(model: onnx.ModelProto, name: str) -> onnx.NodeProto | None:
+    return next((n for n in model.graph.node if name in n.output), None)
+
+
+def initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)

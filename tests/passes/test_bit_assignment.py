@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from helpers import initializer, producer
 from onnx import TensorProto, helper, numpy_helper
 from onnxopt.passes.bit_assignment import BitAssignment, BitAssignmentConfig, assign_within, upgrade_path
 from onnxopt.passes.calibrate import Calibrate, CalibrateConfig
@@ -16,7 +17,6 @@ from pydantic import ValidationError
 
 from onnxopt.data import from_arrays
 from onnxopt.errors import PassError
-from onnxopt.legacy_graph import GraphIndex
 from onnxopt.mixed import BitAssignmentResult, fake_quantize
 from onnxopt.pass_infra import PassContext, PassManager
 from onnxopt.recipe import load_preset
@@ -96,12 +96,11 @@ def pipeline(model, x, **assignment):
 
 
 def weight_dq(model: onnx.ModelProto, node: str) -> tuple[int, np.ndarray]:
-    idx = GraphIndex(model.graph)
     n = next(n for n in model.graph.node if n.name == node)
-    dq = idx.producer(n.input[1])
+    dq = producer(model, n.input[1])
     assert dq.op_type == "DequantizeLinear"
-    t = idx.initializers[dq.input[0]]
-    scale = numpy_helper.to_array(idx.initializers[dq.input[1]])
+    t = initializer(model, dq.input[0])
+    scale = numpy_helper.to_array(initializer(model, dq.input[1]))
     return t.data_type, numpy_helper.to_array(t).astype(np.float32) * scale
 
 

@@ -1,10 +1,8 @@
 import numpy as np
 import pytest
-from helpers import assert_idempotent, assert_same, init, make_model, ops, rand, run, vi
+from helpers import assert_idempotent, assert_same, attr, init, make_model, ops, rand, run, vi
 from onnx import helper, numpy_helper
 from onnxopt.passes.fold_batchnorm import FoldBatchNorm
-
-from onnxopt.legacy_graph import attr
 
 node = helper.make_node
 TOL = {"rtol": 1e-5, "atol": 1e-5}

@@ -1,10 +1,8 @@
 import numpy as np
 import pytest
-from helpers import assert_idempotent, assert_same, init, make_model, ops, rand, run, vi
+from helpers import assert_idempotent, assert_same, attr, init, make_model, ops, rand, run, vi
 from onnx import helper
 from onnxopt.passes.fold_pad import FoldPadIntoConv
-
-from onnxopt.legacy_graph import attr
 
 node = helper.make_node
 W = init("w", rand(4, 3, 3, 3, seed=1))

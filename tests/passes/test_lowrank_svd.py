@@ -2,13 +2,13 @@ import json
 
 import numpy as np
 import pytest
-from helpers import assert_idempotent, assert_same, init, make_model, ops, ort_run, rand, run, vi
+from helpers import assert_idempotent, assert_same, attr, init, make_model, ops, ort_run, rand, run, vi
 from onnx import helper, numpy_helper
-from onnxopt.passes.lowrank_svd import ALLOC_FLOOR, LowRankSVD, LowRankSVDConfig, LowRankSVDResult
+from onnxopt.passes.lowrank_svd import LowRankSVD, LowRankSVDConfig, LowRankSVDResult
 
 from onnxopt.data import from_arrays
 from onnxopt.errors import PassError, PreconditionError, RecipeError
-from onnxopt.legacy_graph import attr
+from onnxopt.lowrank import ALLOC_FLOOR
 from onnxopt.pass_infra import PassContext, PassManager
 from onnxopt.recipe import parse_recipe
 from onnxopt.registry import get_pass_class

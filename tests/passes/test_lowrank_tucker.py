@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
-from helpers import assert_idempotent, assert_same, init, make_model, ops, ort_run, rand, run, vi
+from helpers import assert_idempotent, assert_same, attr, init, make_model, ops, ort_run, rand, run, vi
 from onnx import helper, numpy_helper
 from onnxopt.passes.lowrank_tucker import LowRankTucker, LowRankTuckerConfig, LowRankTuckerResult
 
 from onnxopt.data import from_arrays
 from onnxopt.errors import PassError, RecipeError
-from onnxopt.legacy_graph import attr
 from onnxopt.pass_infra import PassContext
 from onnxopt.recipe import parse_recipe
 from onnxopt.registry import get_pass_class

@@ -3,12 +3,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import init, make_model, ort_run, rand, run, vi
+from helpers import attr, init, make_model, ort_run, rand, run, vi
 from onnx import helper, numpy_helper
 from onnxopt.passes.prune_channels import PruneChannels, PruneChannelsConfig
 
 from onnxopt.data import from_arrays
-from onnxopt.legacy_graph import attr
 from onnxopt.pass_infra import PassContext
 
 node = helper.make_node

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import init, make_model, ops, ort_run, rand, run, vi
+from helpers import attr, init, make_model, ops, opset_version, ort_run, rand, run, vi
 from onnx import helper, numpy_helper
 from onnxopt.passes.quantize_weight_only import (
     QuantizeWeightOnly,
@@ -17,7 +17,6 @@ from tiny_transformer import tiny_transformer, token_feeds
 
 from onnxopt.data import from_arrays
 from onnxopt.errors import PassError, RecipeError
-from onnxopt.legacy_graph import attr, opset_version
 from onnxopt.pass_infra import PassContext
 from onnxopt.recipe import load_preset, parse_recipe
 

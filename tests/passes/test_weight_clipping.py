@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+from helpers import initializer, producer
 from onnx import TensorProto, helper, numpy_helper
 from onnxopt.passes.quantize_qdq import QuantizeQDQ, QuantizeQDQConfig
 
 from onnxopt.checks import check_model
 from onnxopt.data import from_arrays
-from onnxopt.legacy_graph import GraphIndex
 from onnxopt.mixed import fake_quantize
 from onnxopt.pass_infra import PassContext
 from onnxopt.quant import dequantize, mse_clip_ratios, qrange, quantize, weight_params
@@ -120,12 +120,12 @@ def quantize_model(model, x, **cfg):
 
 
 def dq_weight(model, node) -> tuple[int, np.ndarray]:
-    idx = GraphIndex(model.graph)
+
     n = next(n for n in model.graph.node if n.name == node)
-    dq = idx.producer(n.input[1])
-    q, s = (numpy_helper.to_array(idx.initializers[dq.input[k]]) for k in (0, 1))
+    dq = producer(model, n.input[1])
+    q, s = (numpy_helper.to_array(initializer(model, dq.input[k])) for k in (0, 1))
     axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-    return idx.initializers[dq.input[0]].data_type, dequantize(q.astype(np.int64), s, 0, axis=axis)
+    return initializer(model, dq.input[0]).data_type, dequantize(q.astype(np.int64), s, 0, axis=axis)
 
 
 def test_int4_weight_only_model_matches_ort_and_beats_max_abs():
