@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
-from onnxopt.errors import OnnxoptError
-from onnxopt.legacy_graph import GraphIndex, attr
+from onnxopt.errors import OnnxoptError, PreconditionError
+from onnxopt.graph import attr, is_initializer
 from onnxopt.model_io import atomic_write
 from onnxopt.pass_infra import PassResult
 from onnxopt.quant import channel_axis_shape, range_weight_params
@@ -47,7 +48,7 @@ class Component:
     channels: tuple[int, int] | None = None  # [start, stop) of the group's output channels
 
 
-def weight_axis(node: onnx.NodeProto, ndim: int) -> int:
+def weight_axis(node: ir.Node, ndim: int) -> int:
     """Output-channel axis of a weight, as the QDQ pass quantizes it per channel."""
     if node.op_type == "Conv":
         return 0
@@ -58,32 +59,38 @@ def weight_axis(node: onnx.NodeProto, ndim: int) -> int:
     return ndim - 1
 
 
-def component_key(node: onnx.NodeProto) -> str:
-    return node.name or node.input[1]
+def component_key(node: ir.Node) -> str:
+    return node.name or node.inputs[1].name
 
 
-def weight_components(model: onnx.ModelProto, channel_groups: int = 1) -> list[Component]:
-    """Every constant float weight of a compute op in graph order (split into channel groups)."""
-    idx = GraphIndex(model.graph)
+def weight_components(model: ir.Model | onnx.ModelProto, channel_groups: int = 1) -> list[Component]:
+    """Every constant float weight of a compute op in graph order (split into channel groups). Reads only
+    the weights' dtypes and shapes."""
+    from onnxopt.model_io import as_ir
+
     out: list[Component] = []
-    for n in model.graph.node:
-        if n.op_type not in WEIGHTED_OPS or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+    for n in as_ir(model).graph:
+        if n.op_type not in WEIGHTED_OPS or n.domain not in ("", "ai.onnx") or len(n.inputs) < 2:
             continue
-        w = idx.constant(n.input[1])
-        if w is None or w.dtype != np.float32 or w.ndim < 1 or (n.op_type != "MatMul" and w.ndim < 2):
-            continue
-        if n.input[1] not in idx.initializers:
+        wv = n.inputs[1]
+        if not is_initializer(wv):
             continue  # Constant-node weights: constant folding turns them into initializers
-        key = component_key(n)
-        axis = weight_axis(n, w.ndim)
-        if channel_groups <= 1:
-            out.append(Component(key, "weight", n.op_type, n.name, n.input[1], int(w.size), axis))
+        t = wv.const_value
+        shape = tuple(t.shape.numpy())
+        ndim, size = len(shape), int(np.prod(shape, dtype=np.int64))
+        if t.dtype != ir.DataType.FLOAT or ndim < 1 or (n.op_type != "MatMul" and ndim < 2):
             continue
-        n_ch = w.shape[axis]
+        key = component_key(n)
+        axis = weight_axis(n, ndim)
+        name = n.name or ""
+        if channel_groups <= 1:
+            out.append(Component(key, "weight", n.op_type, name, wv.name, size, axis))
+            continue
+        n_ch = shape[axis]
         bounds = np.linspace(0, n_ch, min(channel_groups, n_ch) + 1).round().astype(int)
-        per_channel = w.size // n_ch
+        per_channel = size // n_ch
         for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            out.append(Component(f"{key}#{g}", "weight", n.op_type, n.name, n.input[1],
+            out.append(Component(f"{key}#{g}", "weight", n.op_type, name, wv.name,
                                  int((b - a) * per_channel), axis, g, (int(a), int(b))))
     return out
 
@@ -122,6 +129,64 @@ def fake_quantize(w: np.ndarray, bits: int, axis: int | None,
     sl[axis % w.ndim] = slice(*channels)
     out[tuple(sl)] = q[tuple(sl)]
     return out
+
+
+# --- scoring data ------------------------------------------------------------------------------------------
+def scoring_data(context, data: str, labels_file: str | None, max_samples: int, batch_size: int,
+                 need_labels: bool, what: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The first ``max_samples`` samples of the chosen data (stacked) and their labels, if any."""
+    source = context.calibration if data == "calibration" else context.validation
+    if source is None:
+        flag = "--calib" if data == "calibration" else "--val"
+        raise PreconditionError(f"{what} needs {data} data (pass it with {flag})")
+    labels = None
+    if labels_file is not None:
+        from onnxopt.data import load_labels
+
+        labels = load_labels(labels_file, source)
+    elif data == "calibration":
+        labels = getattr(context, "calibration_labels", None)
+    else:
+        labels = context.labels
+    if need_labels and labels is None:
+        flag = "--calib-labels" if data == "calibration" else "--labels"
+        raise PreconditionError(f"{what} needs labels for the {data} data (pass {flag} or set labels_file)")
+    parts: dict[str, list[np.ndarray]] = {}
+    n = 0
+    for batch in source.batches(batch_size):
+        k = next(iter(batch.values())).shape[0]
+        take = min(k, max_samples - n)
+        for name, v in batch.items():
+            parts.setdefault(name, []).append(v[:take])
+        n += take
+        if n >= max_samples:
+            break
+    feeds = {k: np.concatenate(v) for k, v in parts.items()}
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)[:n].astype(np.int64)
+    return feeds, labels
+
+
+def pick_output(model: ir.Model, sample: dict[str, np.ndarray], wanted: str | None) -> str:
+    """The output significance and bit assignment score: ``wanted``, else the first [N, C] float output, else
+    the first float one."""
+    from onnxopt.runtime import make_session, run_batch
+
+    names = [o.name for o in model.graph.outputs]
+    if wanted is not None:
+        if wanted not in names:
+            raise PreconditionError(f"output {wanted!r} is not a model output ({', '.join(names)})")
+        return wanted
+    sess = make_session(model, opt_level="basic", threads=1, what="model (significance)")
+    outs = run_batch(sess, {k: v[:1] for k, v in sample.items()})
+    for name in names:
+        v = outs[name]
+        if isinstance(v, np.ndarray) and v.ndim == 2 and v.shape[1] > 1 and v.dtype.kind == "f":
+            return name
+    for name in names:
+        if isinstance(outs[name], np.ndarray) and outs[name].dtype.kind == "f":
+            return name
+    raise PreconditionError("no float output to score")
 
 
 # --- scores ------------------------------------------------------------------------------------

@@ -123,10 +123,10 @@ class Pass(abc.ABC):
 
 
 class ProtoPass(Pass):
-    """Adapter for a pass still written against ``onnx.ModelProto`` while it is ported to the IR.
+    """Adapter for a (third-party) pass written against ``onnx.ModelProto``, the API before the IR.
 
-    ``requires``, ``call`` and ``ensures`` get a protobuf with every weight read in (so this costs a
-    full copy of the model: no built-in pass should stay here).
+    ``requires``, ``call`` and ``ensures`` get a protobuf with every weight read in, so this costs a full
+    copy of the model each way; every built-in pass works on the IR.
     """
 
     def __call__(self, model: ir.Model | onnx.ModelProto) -> PassResult:

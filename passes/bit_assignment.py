@@ -30,13 +30,12 @@ import math
 from typing import Any, Literal
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 import yaml
-from onnx import numpy_helper
 from pydantic import Field, model_validator
 
 from onnxopt.errors import PreconditionError
-from onnxopt.legacy_graph import GraphIndex
+from onnxopt.graph import Namer, clone_model, constant_value
 from onnxopt.mixed import (
     BitAssignmentResult,
     Component,
@@ -46,10 +45,12 @@ from onnxopt.mixed import (
     layer_of,
     load_scores,
     overrides_for,
+    pick_output,
+    scoring_data,
     weight_components,
 )
 from onnxopt.model_io import atomic_write
-from onnxopt.pass_infra import PassConfig, ProtoPass
+from onnxopt.pass_infra import Pass, PassConfig
 from onnxopt.runtime import make_session, run_batch
 
 
@@ -118,19 +119,19 @@ def assign_within(path: list[tuple[str, int]], params: dict[str, int], lowest: i
     return bits
 
 
-class BitAssignment(ProtoPass):
+class BitAssignment(Pass):
     name = "bit-assignment"
     summary = ("Choose 4/8/16-bit weights per layer from significance scores under a budget (average bits, "
                "bytes or accuracy drop); quantize-qdq applies it.")
     Config = BitAssignmentConfig
 
-    def requires(self, model: onnx.ModelProto) -> None:
+    def requires(self, model: ir.Model) -> None:
         super().requires(model)
         if self.config.scores_file is None and self.context.latest(SignificanceResult) is None:
             raise PreconditionError("bit-assignment needs scores: run the 'significance' pass before it "
                                     "(or set scores_file)")
 
-    def call(self, model: onnx.ModelProto) -> BitAssignmentResult:
+    def call(self, model: ir.Model) -> BitAssignmentResult:
         cfg: BitAssignmentConfig = self.config
         model, named = self._name_nodes(model)
         scored = load_scores(cfg.scores_file) if cfg.scores_file else self.context.latest(SignificanceResult)
@@ -179,38 +180,33 @@ class BitAssignment(ProtoPass):
                                    overrides=overrides, average_bits=avg, weight_bytes=nbytes)
 
     @staticmethod
-    def _name_nodes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    def _name_nodes(model: ir.Model) -> tuple[ir.Model, int]:
         """Overrides select nodes by name: unnamed weighted nodes get their weight's name (the key
         significance scores them under)."""
-        unnamed = [i for i, n in enumerate(model.graph.node)
-                   if not n.name and n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1]
+        unnamed = [n for n in model.graph if not n.name and n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+                   and len(n.inputs) > 1 and n.inputs[1] is not None]
         if not unnamed:
             return model, 0
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        idx = GraphIndex(out.graph)
-        taken = {n.name for n in out.graph.node if n.name}
-        for i in unnamed:
-            n = out.graph.node[i]
-            n.name = n.input[1] if n.input[1] not in taken else idx.unique_name(n.input[1])
+        namer = Namer(model.graph)
+        taken = {n.name for n in model.graph if n.name}
+        for n in unnamed:
+            w = n.inputs[1].name
+            n.name = w if w not in taken else namer.unique(w)
             taken.add(n.name)
-        return out, len(unnamed)
+        return model, len(unnamed)
 
     def _activations(self, scored: SignificanceResult) -> dict[str, int]:
         k = self.config.activation_16bit_top
         acts = sorted((e for e in scored.entries if e.kind == "activation"), key=lambda e: (-e.score, e.name))
         return {e.tensor: 16 for e in acts[:k] if e.score > 0}
 
-    def _by_accuracy(self, model: onnx.ModelProto, layers: list[Component], path: list[tuple[str, int]],
+    def _by_accuracy(self, model: ir.Model, layers: list[Component], path: list[tuple[str, int]],
                      levels: list[int]) -> tuple[dict[str, int], dict[str, Any]]:
-        from onnxopt.passes.significance import pick_output, scoring_data
-
         cfg: BitAssignmentConfig = self.config
         feeds, labels = scoring_data(self.context, cfg.data, cfg.labels_file, cfg.max_samples, cfg.batch_size,
                                      True, "bit-assignment with max_accuracy_drop_pt")
         by_key = {c.name: c for c in layers}
-        inits = {t.name: t for t in model.graph.initializer}
-        original = {c.name: numpy_helper.to_array(inits[c.tensor]) for c in layers}
+        inits = model.graph.initializers
         cache: dict[int, float] = {}
 
         def bits_at(k: int) -> dict[str, int]:
@@ -220,12 +216,12 @@ class BitAssignment(ProtoPass):
             return bits
 
         def accuracy(bits: dict[str, int] | None) -> float:
-            m = onnx.ModelProto()
-            m.CopyFrom(model)
-            mi = {t.name: t for t in m.graph.initializer}
+            m = clone_model(model)  # weights shared; the fake-quantized ones replace them in the copy only
+            mi = m.graph.initializers
             for name, b in (bits or {}).items():
                 c = by_key[name]
-                mi[c.tensor].CopyFrom(numpy_helper.from_array(fake_quantize(original[name], b, c.axis), c.tensor))
+                mi[c.tensor].const_value = ir.tensor(fake_quantize(constant_value(inits[c.tensor]), b, c.axis),
+                                                     name=c.tensor)
             sess = make_session(m, threads=1, what="model (bit-assignment check)")
             n = labels.shape[0]
             hits = 0

@@ -23,28 +23,32 @@ can be read back from ``scores_file`` instead of being computed.
 from __future__ import annotations
 
 import multiprocessing
+import shutil
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 from pydantic import Field
 
-from onnxopt.data import load_labels
 from onnxopt.errors import PreconditionError
-from onnxopt.legacy_graph import GraphIndex
+from onnxopt.graph import Namer, add_initializer, clone_model, constant_value, make_node
 from onnxopt.mixed import (
     Component,
     ScoreEntry,
     SignificanceResult,
     fake_quantize,
     load_scores,
+    pick_output,
     save_scores,
+    scoring_data,
     weight_components,
 )
-from onnxopt.pass_infra import PassConfig, ProtoPass
+from onnxopt.model_io import has_external_data, load_model, save_model
+from onnxopt.pass_infra import Pass, PassConfig
 from onnxopt.quant import activation_params
 from onnxopt.ranges import CalibrationResult
 from onnxopt.runtime import make_session, run_batch
@@ -72,40 +76,6 @@ class SignificanceConfig(PassConfig):
     workers: int | None = Field(None, ge=1, description="worker processes (default: the run's --workers)")
     scores_file: str | None = Field(None, description="read scores from this JSON instead of computing them")
     save_scores: str | None = Field(None, description="write the scores to this JSON file")
-
-
-# --- data ------------------------------------------------------------------------------------------
-def scoring_data(context, data: str, labels_file: str | None, max_samples: int, batch_size: int,
-                 need_labels: bool, what: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """The first ``max_samples`` samples of the chosen data (stacked) and their labels, if any."""
-    source = context.calibration if data == "calibration" else context.validation
-    if source is None:
-        flag = "--calib" if data == "calibration" else "--val"
-        raise PreconditionError(f"{what} needs {data} data (pass it with {flag})")
-    labels = None
-    if labels_file is not None:
-        labels = load_labels(labels_file, source)
-    elif data == "calibration":
-        labels = getattr(context, "calibration_labels", None)
-    else:
-        labels = context.labels
-    if need_labels and labels is None:
-        flag = "--calib-labels" if data == "calibration" else "--labels"
-        raise PreconditionError(f"{what} needs labels for the {data} data (pass {flag} or set labels_file)")
-    parts: dict[str, list[np.ndarray]] = {}
-    n = 0
-    for batch in source.batches(batch_size):
-        k = next(iter(batch.values())).shape[0]
-        take = min(k, max_samples - n)
-        for name, v in batch.items():
-            parts.setdefault(name, []).append(v[:take])
-        n += take
-        if n >= max_samples:
-            break
-    feeds = {k: np.concatenate(v) for k, v in parts.items()}
-    if labels is not None:
-        labels = np.asarray(labels).reshape(-1)[:n].astype(np.int64)
-    return feeds, labels
 
 
 def _batches(feeds: dict[str, np.ndarray], batch_size: int):
@@ -140,24 +110,6 @@ def critical_classes(logits: np.ndarray, labels: np.ndarray, pairs: int) -> tupl
     return classes, [(a, b, round(v, 4)) for (a, b), v in top]
 
 
-def pick_output(model: onnx.ModelProto, sample: dict[str, np.ndarray], wanted: str | None) -> str:
-    names = [o.name for o in model.graph.output]
-    if wanted is not None:
-        if wanted not in names:
-            raise PreconditionError(f"output {wanted!r} is not a model output ({', '.join(names)})")
-        return wanted
-    sess = make_session(model, opt_level="basic", threads=1, what="model (significance)")
-    outs = run_batch(sess, {k: v[:1] for k, v in sample.items()})
-    for name in names:
-        v = outs[name]
-        if isinstance(v, np.ndarray) and v.ndim == 2 and v.shape[1] > 1 and v.dtype.kind == "f":
-            return name
-    for name in names:
-        if isinstance(outs[name], np.ndarray) and outs[name].dtype.kind == "f":
-            return name
-    raise PreconditionError("no float output to score")
-
-
 # --- scoring (runs in worker processes) ------------------------------------------------------------
 def loss(metric: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | None) -> float:
     """Mean loss of ``out`` over the batch (cross-entropy vs labels, KL vs ``ref``, relative MSE)."""
@@ -171,11 +123,14 @@ def loss(metric: str, out: np.ndarray, ref: np.ndarray, labels: np.ndarray | Non
 
 
 class _Scorer:
-    def __init__(self, model_bytes: bytes, feeds, output: str, metric: str, labels, batch_size: int,
+    """Scores components of one model; in a worker process the model comes by path (written once by the pass,
+    weights memory-mapped from its external data), never as bytes per task."""
+
+    def __init__(self, model: ir.Model | str, feeds, output: str, metric: str, labels, batch_size: int,
                  weight_bits: int, activation_bits: int, ranges: dict[str, tuple[float, float]],
                  reference: np.ndarray | None = None, weight_clipping: str = "auto"):
-        self.model = onnx.load_from_string(model_bytes)
-        self.inits = {t.name: t for t in self.model.graph.initializer}
+        self.model = load_model(model, check=False) if isinstance(model, str) else model
+        self.inits = self.model.graph.initializers
         self.batches = list(_batches(feeds, batch_size))
         self.labels = ([labels[i:i + batch_size] for i in range(0, len(labels), batch_size)]
                        if labels is not None else [None] * len(self.batches))
@@ -186,7 +141,7 @@ class _Scorer:
                           if reference is not None else self._outputs(self.model))
         self.base = self._loss(self.reference)
 
-    def _outputs(self, model: onnx.ModelProto) -> list[np.ndarray]:
+    def _outputs(self, model: ir.Model) -> list[np.ndarray]:
         sess = make_session(model, threads=1, what="model (significance)")
         return [run_batch(sess, b, [self.output])[self.output] for b in self.batches]
 
@@ -197,26 +152,25 @@ class _Scorer:
 
     def score(self, c: Component) -> float:
         if c.kind == "weight":
-            t = self.inits[c.tensor]
-            saved = onnx.TensorProto()
-            saved.CopyFrom(t)
-            w = numpy_helper.to_array(t)
-            fq = fake_quantize(w, self.weight_bits, c.axis, c.channels, self.weight_clipping)
-            t.CopyFrom(numpy_helper.from_array(fq, t.name))
+            value = self.inits[c.tensor]
+            saved = value.const_value
+            fq = fake_quantize(constant_value(value), self.weight_bits, c.axis, c.channels, self.weight_clipping)
+            value.const_value = ir.tensor(fq, name=value.name)  # the model's own tensor is not written to
             try:
                 outs = self._outputs(self.model)
             finally:
-                t.CopyFrom(saved)
+                value.const_value = saved
         else:
             outs = self._outputs(self._with_fake_quant(c.tensor))
         # KL/MSE of the float model to itself are 0; cross-entropy has a baseline
         return self._loss(outs) - (self.base if self.metric == "cross-entropy" else 0.0)
 
-    def _with_fake_quant(self, tensor: str) -> onnx.ModelProto:
+    def _with_fake_quant(self, tensor: str) -> ir.Model:
         """The model with ``tensor`` rounded to the activation width (float ops, any opset)."""
-        m = onnx.ModelProto()
-        m.CopyFrom(self.model)
-        idx = GraphIndex(m.graph)
+        m = clone_model(self.model)
+        g = m.graph
+        namer = Namer(g)
+        value = next(o for n in g for o in n.outputs if o.name == tensor)
         lo, hi = self.ranges[tensor]
         qt = "uint8" if self.activation_bits == 8 else None
         if qt is None:  # any width: asymmetric over [lo, hi] with an exact zero
@@ -227,24 +181,24 @@ class _Scorer:
         else:
             scale, zp_i = activation_params(lo, hi, qt)
             zp, levels = float(zp_i), 255
-        c = {k: idx.add_initializer(np.array(v, np.float32), f"{tensor}_fq_{k}")
+        c = {k: add_initializer(g, np.array(v, np.float32), f"{tensor}_fq_{k}", namer)
              for k, v in (("scale", scale), ("zp", zp), ("lo", 0.0), ("hi", float(levels)))}
-        names = [idx.unique_name(f"{tensor}_fq{i}") for i in range(5)]
-        nodes = [
-            helper.make_node("Div", [tensor, c["scale"]], [names[0]], name=names[0]),
-            helper.make_node("Round", [names[0]], [names[1]], name=names[1]),
-            helper.make_node("Add", [names[1], c["zp"]], [names[2]], name=names[2]),
-            helper.make_node("Clip", [names[2], c["lo"], c["hi"]], [names[3]], name=names[3]),
-            helper.make_node("Sub", [names[3], c["zp"]], [names[4]], name=names[4]),
-        ]
-        out = idx.unique_name(f"{tensor}_fq")
-        nodes.append(helper.make_node("Mul", [names[4], c["scale"]], [out], name=out))
-        for u in idx.uses(tensor):
-            idx.replace_input(u, tensor, out)
-        producer = idx.producer(tensor)
-        pos = list(m.graph.node).index(producer) + 1 if producer is not None else 0
-        for k, n in enumerate(nodes):
-            m.graph.node.insert(pos + k, n)
+        readers = list(value.uses())
+        nodes, x = [], value
+        for i, (op, extra) in enumerate([("Div", [c["scale"]]), ("Round", []), ("Add", [c["zp"]]),
+                                          ("Clip", [c["lo"], c["hi"]]), ("Sub", [c["zp"]])]):
+            name = namer.unique(f"{tensor}_fq{i}")
+            nodes.append(make_node(op, [x, *extra], outputs=[name], name=name))
+            x = nodes[-1].outputs[0]
+        out = namer.unique(f"{tensor}_fq")
+        nodes.append(make_node("Mul", [x, c["scale"]], outputs=[out], name=out))
+        for u in readers:
+            u.node.replace_input_with(u.idx, nodes[-1].outputs[0])
+        producer = value.producer()
+        if producer is not None:
+            g.insert_after(producer, nodes)
+        else:
+            g.insert_before(g.node(0), nodes)
         return m
 
 
@@ -260,19 +214,19 @@ def _score_in_worker(c: Component) -> tuple[str, float]:
 
 
 # --- the pass ----------------------------------------------------------------------------------------
-class Significance(ProtoPass):
+class Significance(Pass):
     name = "significance"
     summary = ("Score each weight (optionally activation) by the loss increase when only it is quantized "
                "aggressively; semantic mode scores on the most confused classes.")
     Config = SignificanceConfig
 
-    def requires(self, model: onnx.ModelProto) -> None:
+    def requires(self, model: ir.Model) -> None:
         cfg: SignificanceConfig = self.config
         if cfg.scores_file is None:
             if cfg.activations and self.context.latest(CalibrationResult) is None:
                 raise PreconditionError("significance with activations: true needs the calibrate pass before it")
 
-    def call(self, model: onnx.ModelProto) -> SignificanceResult:
+    def call(self, model: ir.Model) -> SignificanceResult:
         cfg: SignificanceConfig = self.config
         start = time.perf_counter()
         components = weight_components(model, cfg.channel_groups)
@@ -315,13 +269,13 @@ class Significance(ProtoPass):
         ranges: dict[str, tuple[float, float]] = {}
         if cfg.activations:
             cal = self.context.latest(CalibrationResult)
-            graph_outputs = {o.name for o in model.graph.output}
+            graph_outputs = {o.name for o in model.graph.outputs}
             for c in self._activation_components(model):
                 if c.tensor in cal.ranges and c.tensor not in graph_outputs:
                     r = cal.ranges[c.tensor]
                     ranges[c.tensor] = (float(r.min), float(r.max))
                     components.append(c)
-        args = (model.SerializeToString(), feeds, output, metric, labels, cfg.batch_size, cfg.weight_bits,
+        args = (model, feeds, output, metric, labels, cfg.batch_size, cfg.weight_bits,
                 cfg.activation_bits, ranges, ref, cfg.weight_clipping)
         scores = self._run(components, args, cfg.workers or self.context.workers)
         entries = [ScoreEntry(c.name, c.kind, c.op_type, c.tensor, c.params, scores[c.name]) for c in components]
@@ -336,11 +290,12 @@ class Significance(ProtoPass):
         return result
 
     @staticmethod
-    def _activation_components(model: onnx.ModelProto) -> list[Component]:
+    def _activation_components(model: ir.Model) -> list[Component]:
         out = []
-        for n in model.graph.node:
-            if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and n.output[0]:
-                out.append(Component(f"act:{n.output[0]}", "activation", n.op_type, n.name, n.output[0], 0))
+        for n in model.graph:
+            name = n.outputs[0].name if n.outputs else ""
+            if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and name:
+                out.append(Component(f"act:{name}", "activation", n.op_type, n.name or "", name, 0))
         return out
 
     def _run(self, components: list[Component], args: tuple, workers: int) -> dict[str, float]:
@@ -352,18 +307,26 @@ class Significance(ProtoPass):
                     scores[c.name] = scorer.score(c)
                     bar.update()
                 return scores
-            # spawn: a forked child would inherit ORT's thread pools mid-state
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(min(workers, len(components)), mp_context=ctx,
-                                     initializer=_init_worker, initargs=(args,)) as pool:
-                futures = [pool.submit(_score_in_worker, c) for c in components]
-                for f in as_completed(futures):
-                    name, s = f.result()
-                    scores[name] = s
-                    bar.update()
+            # the workers read the model from one file (weights memory-mapped), written here once
+            tmp = Path(tempfile.mkdtemp(prefix="onnxopt-significance-"))
+            try:
+                path = tmp / "model.onnx"
+                save_model(args[0], path, external_data=has_external_data(args[0]) or None, check=False)
+                worker_args = (str(path), *args[1:])
+                # spawn: a forked child would inherit ORT's thread pools mid-state
+                ctx = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(min(workers, len(components)), mp_context=ctx,
+                                         initializer=_init_worker, initargs=(worker_args,)) as pool:
+                    futures = [pool.submit(_score_in_worker, c) for c in components]
+                    for f in as_completed(futures):
+                        name, s = f.result()
+                        scores[name] = s
+                        bar.update()
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return scores
 
-    def _from_file(self, model: onnx.ModelProto, components: list[Component]) -> SignificanceResult:
+    def _from_file(self, model: ir.Model, components: list[Component]) -> SignificanceResult:
         cfg: SignificanceConfig = self.config
         loaded = load_scores(cfg.scores_file)
         known = {c.name: c for c in components}

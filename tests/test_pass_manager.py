@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt.errors import PassError, PreconditionError
-from onnxopt.pass_infra import Pass, PassConfig, PassContext, PassManager, PassResult
+from onnxopt.pass_infra import Pass, PassConfig, PassContext, PassManager, PassResult, ProtoPass
 
 
 def _model() -> onnx.ModelProto:
@@ -232,3 +232,31 @@ class ReturnsProto(Pass):
 def test_a_pass_must_return_the_ir():
     with pytest.raises(PassError, match="returns-proto.*not an ir.Model"):
         PassManager([ReturnsProto()]).run(_model())
+
+
+class _StripConfig(PassConfig):
+    type: Literal["strip-doc-proto"] = "strip-doc-proto"
+
+
+class StripDocProto(ProtoPass):
+    """A third-party pass written against ModelProto (the API before the IR), through the adapter."""
+
+    name = "strip-doc-proto"
+    Config = _StripConfig
+
+    def call(self, model):
+        assert isinstance(model, onnx.ModelProto)
+        changed = any(n.doc_string for n in model.graph.node)
+        for n in model.graph.node:
+            n.doc_string = ""
+        return PassResult(model, changed)
+
+
+def test_protobuf_passes_run_in_an_ir_pipeline_through_the_adapter():
+    model = _model()
+    model.graph.node[0].doc_string = "a note"
+    result = PassManager([StripDocProto(), DropInitializers()]).run(ir.serde.deserialize_model(model))
+    assert isinstance(result.model, ir.Model)
+    assert [r.modified for r in result.records] == [True, True]
+    assert all(not n.doc_string for n in result.model.graph)
+    assert model.graph.node[0].doc_string == "a note"  # the caller's protobuf is untouched
