@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.graph import ancestors, clone_model
+from onnxopt.graph import ancestors, clone_model, values_by_name
 from onnxopt.model_io import as_ir
 from onnxopt.runtime import make_session, run_batch
 
@@ -38,12 +38,7 @@ def exposed(model: ir.Model | onnx.ModelProto, names: Iterable[str], *, keep_out
     """
     work = clone_model(as_ir(model))
     graph = work.graph
-    by_name: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
-    by_name.update(graph.initializers)
-    for node in graph:
-        for out in node.outputs:
-            if out.name:
-                by_name[out.name] = out
+    by_name = values_by_name(graph)
     wanted = list(dict.fromkeys(names))
     missing = [n for n in wanted if n not in by_name]
     if missing:

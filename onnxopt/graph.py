@@ -396,3 +396,15 @@ def drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> bool:
         del graph.initializers[value.name]
         return True
     return False
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """The graph's inputs, initializers and node outputs by name (this graph only, not its bodies): for passes
+    that reason about tensors by name (calibration ranges, overrides, channel flows)."""
+    out: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
+    out.update(graph.initializers)
+    for node in graph:
+        for o in node.outputs:
+            if o.name:
+                out[o.name] = o
+    return out

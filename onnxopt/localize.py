@@ -27,7 +27,7 @@ from onnx import TensorProto
 
 from onnxopt.activations import activation_session
 from onnxopt.checks import infer
-from onnxopt.graph import constant_tensor, is_op
+from onnxopt.graph import constant_tensor, is_op, values_by_name
 from onnxopt.metrics import json_safe
 from onnxopt.model_io import as_ir, load_model
 from onnxopt.runtime import run_batch
@@ -86,10 +86,7 @@ def _float_tensors(model: ir.Model) -> dict[str, int]:
 
 def candidate_names(candidate: ir.Model, wanted: list[str]) -> dict[str, str]:
     """Reference tensor -> candidate tensor holding its (possibly rounded) value."""
-    values: dict[str, ir.Value] = {v.name: v for v in candidate.graph.inputs}
-    for n in candidate.graph:
-        for o in n.outputs:
-            values[o.name] = o
+    values = values_by_name(candidate.graph)
     out: dict[str, str] = {}
     for t in wanted:
         v = values.get(t)

@@ -35,6 +35,7 @@ from onnxopt.graph import (
     opset_version,
     subgraphs,
     tensor_bytes,
+    values_by_name,
 )
 from onnxopt.pass_infra import Pass, PassConfig, PassResult
 
@@ -213,12 +214,7 @@ class ConstantFolding(Pass):
     def _round(self, model: ir.Model, stats: Counter) -> bool:
         g = model.graph
         self.model = model
-        self.by_name: dict[str, ir.Value] = {v.name: v for v in g.inputs}
-        self.by_name.update(g.initializers)
-        for n in g:
-            for o in n.outputs:
-                if o.name:
-                    self.by_name[o.name] = o
+        self.by_name = values_by_name(g)
         self.types = infer_value_types(model)
         self.opset = opset_version(model)
         nodes = list(g)

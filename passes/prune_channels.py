@@ -118,12 +118,7 @@ class _Index:
     def refresh(self) -> None:
         g = self.graph
         self.nodes = [self.view(n) for n in g]
-        self.values: dict[str, ir.Value] = {v.name: v for v in g.inputs}
-        self.values.update(g.initializers)
-        for n in g:
-            for o in n.outputs:
-                if o.name:
-                    self.values[o.name] = o
+        self.values = irg.values_by_name(g)
         self.initializers = {k: v for k, v in g.initializers.items() if not v.is_graph_input()}
         self.graph_outputs = {o.name for o in g.outputs}
 

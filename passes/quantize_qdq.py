@@ -61,6 +61,7 @@ from onnxopt.graph import (
     opset_version,
     set_attr,
     subgraphs,
+    values_by_name,
 )
 from onnxopt.isa import SCHEME_SPECS, SchemeChoice, choose_scheme, detect_cpu
 from onnxopt.mixed import BitAssignmentResult, clipping_for
@@ -140,13 +141,9 @@ class _Index:
 
     def refresh(self) -> None:
         g = self.graph
-        self.values: dict[str, ir.Value] = {v.name: v for v in g.inputs}
-        self.values.update(g.initializers)
+        self.values = values_by_name(g)
         self.owner: dict[int, ir.Node] = {}
         for n in g:
-            for o in n.outputs:
-                if o.name:
-                    self.values[o.name] = o
             for body in subgraphs(n):
                 for inner in _all(body):
                     self.owner[id(inner)] = n
