@@ -87,10 +87,12 @@ def weight_bytes(path: Path) -> int:
 
 
 def run_job(cmd: list[str], log: Path) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS bytes, exit code) of ``cmd`` in its own process."""
+    """(wall seconds, peak RSS bytes, exit code) of ``cmd`` in its own process, with an empty cache folder
+    (onnxopt caches calibration ranges and placement decisions: a second run would skip the work)."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(log.parent / f"{log.name}.cache")}
     with open(log, "w") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
