@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxopt.data import first, samples_in, subset
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import ancestors, clone_model, values_by_name
 from onnxopt.model_io import as_ir
@@ -149,12 +150,12 @@ def limited_batches(source, batch_size: int, max_samples: int | None) -> Iterato
     """``source.batches(batch_size)``, stopping after ``max_samples`` samples (last batch cut)."""
     left = max_samples
     for batch in source.batches(batch_size):
-        n = next(iter(batch.values())).shape[0]
+        n = samples_in(batch)
         if left is not None:
             if left <= 0:
                 return
             if n > left:
-                batch = {k: v[:left] for k, v in batch.items()}
+                batch = first(batch, left)
                 n = left
             left -= n
         yield batch
@@ -172,12 +173,12 @@ def stream_activations(model: ir.Model | onnx.ModelProto, source, names: list[st
     feed_names = {i.name for i in session.get_inputs()} if session is not None else set()
     done = 0
     for batch in limited_batches(source, batch_size, max_samples):
-        feed = {k: v for k, v in batch.items() if k in feed_names}
+        feed = subset(batch, feed_names)
         values = run_batch(session, feed, fetch, first_sample=done) if session is not None else {}
         for n in names:
             if n in graph_inputs:
                 values[n] = batch[n]
-        done += next(iter(batch.values())).shape[0]
+        done += samples_in(batch)
         yield batch, values
 
 
@@ -276,7 +277,7 @@ def collect_grams(model: ir.Model | onnx.ModelProto, source, requests: dict[Any,
     with single_threaded_blas(), ThreadPoolExecutor(2) as pool, \
             progress.task(f"{what}: input statistics", total) as bar:
         for batch in limited_batches(source, batch_size, max_samples):
-            feed = {k: v for k, v in batch.items() if k in feed_names}
+            feed = subset(batch, feed_names)
             values = run_batch(session, feed, fetch, first_sample=done) if fetch else {}
             for t in tensors:
                 if t in graph_inputs:
@@ -284,7 +285,7 @@ def collect_grams(model: ir.Model | onnx.ModelProto, source, requests: dict[Any,
             jobs = [pool.submit(accumulate, key, values[r.tensor]) for key, r in requests.items()]
             for j in jobs:
                 j.result()
-            n = next(iter(batch.values())).shape[0]
+            n = samples_in(batch)
             done += n
             bar.update(n)
             del values, feed, batch

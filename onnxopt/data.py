@@ -5,7 +5,11 @@ A data source is one of:
 * a ``.npz`` file whose keys are the model's input names, samples stacked on axis 0;
 * a folder of such ``.npz`` files (read in name order, one file at a time, same keys in all);
 * a folder of images (jpg/jpeg/png/bmp/webp, in file-name order) turned into one input by an
-  ``ImageSpec`` (needs Pillow: ``pip install onnxopt[images]``).
+  ``ImageSpec`` (needs Pillow: ``pip install onnxopt[images]``);
+* with ``layout: feeds`` (``--data-layout feeds``), a ``.npz`` or a folder of them where each file is one
+  complete feed, arrays exactly as the model takes them: scalars, recurrent state, batch on any axis
+  (``FeedSource``). A feed counts as one sample; ``samples_in(batch)`` says how many samples a batch holds
+  whatever the layout.
 
 Everything is checked against the model's real inputs (graph inputs that are not initializers)
 when the source is opened, so a mismatch is reported in one line before any model runs:
@@ -183,6 +187,32 @@ def _conform(where: str, specs: dict[str, InputSpec], arrays: dict[str, np.ndarr
 # --------------------------------------------------------------------------------------------
 # Data sources
 # --------------------------------------------------------------------------------------------
+class Feed(dict):
+    """One complete feed of a ``FeedSource`` (arrays as the model takes them): one sample, never sliced or
+    stacked with another."""
+
+
+def subset(batch: dict[str, np.ndarray], names) -> dict[str, np.ndarray]:
+    """The entries of ``batch`` named in ``names``, keeping a feed a feed."""
+    return type(batch)((k, v) for k, v in batch.items() if k in names)
+
+
+def first(batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` samples of a batch (a feed is one sample: kept whole)."""
+    if isinstance(batch, Feed) or samples_in(batch) <= n:
+        return batch
+    return {k: v[:n] for k, v in batch.items()}
+
+
+def samples_in(batch: dict[str, np.ndarray]) -> int:
+    """How many samples a batch holds: 1 for a feed, else the length of axis 0."""
+    if isinstance(batch, Feed):
+        return 1
+    for v in batch.values():
+        return int(v.shape[0]) if np.ndim(v) else 1
+    return 0
+
+
 class DataSource:
     """Samples for a model, streamed in batches in a fixed order.
 
@@ -193,6 +223,7 @@ class DataSource:
 
     input_names: list[str]
     description: str
+    layout = "stacked"
 
     def __init__(self, specs: list[InputSpec], n: int, total: int, description: str, notes: list[str]):
         self.specs = {s.name: s for s in specs}
@@ -225,6 +256,8 @@ class DataSource:
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches of ``effective_batch_size(batch_size)`` samples (the last may be smaller)."""
         bs = self.effective_batch_size(batch_size)
+        if bs < 1:  # never reached (effective_batch_size refuses it): a loop without progress is a hang
+            raise DataError(f"batch size must be at least 1 (got {bs})")
         left = self._n
         pending: list[dict[str, np.ndarray]] = []
         pending_n = 0
@@ -588,6 +621,80 @@ class RandomSource(DataSource):
             yield self._sample(i)
 
 
+class FeedSource(DataSource):
+    """Complete feeds, one per ``.npz`` (or per dict given in the API), checked against the model's inputs
+    exactly: every input present, nothing extra, the model's rank, its static dims on every axis (the
+    batch axis included: -1, 0 or unset dims are dynamic), a dtype that casts safely, no NaN/Inf. Each
+    feed is one sample and one batch."""
+
+    layout = "feeds"
+
+    def __init__(self, items: list[tuple[str, Any]], model, description: str, max_samples: int | None = None):
+        specs = model_inputs(model)
+        self._spec_map = {s.name: s for s in specs}
+        notes: list[str] = []
+        self.items = items[: max_samples] if max_samples else items
+        if not self.items:
+            raise DataError(f"{description}: no feeds")
+        for where, load in self.items:  # every feed is read and checked up front, one at a time
+            conform_feed(where, self._spec_map, load(), notes)
+        n = len(self.items)
+        super().__init__(specs, n, len(items), _describe(description, n, len(items)).replace("samples", "feeds"),
+                         notes)
+
+    def effective_batch_size(self, batch_size: int) -> int:
+        if batch_size < 1:
+            raise DataError(f"batch size must be at least 1 (got {batch_size})")
+        return 1
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Each feed on its own, whatever ``batch_size``: feeds are never stacked or cut."""
+        self.effective_batch_size(batch_size)
+        for where, load in self.items:
+            yield Feed(conform_feed(where, self._spec_map, load()))
+
+    def _chunks(self):
+        for where, load in self.items:
+            yield Feed(conform_feed(where, self._spec_map, load()))
+
+
+def conform_feed(where: str, specs: dict[str, InputSpec], arrays: dict[str, Any],
+                 notes: list[str] | None = None) -> dict[str, np.ndarray]:
+    """One feed checked against the model's inputs (see ``FeedSource``) and cast safely."""
+    keys = set(arrays)
+    missing = [n for n in specs if n not in keys]
+    extra = sorted(keys - set(specs))
+    if missing:
+        raise DataError(f"{where}: missing input(s) {_names(missing)} (model inputs: {_names(specs)}; "
+                        f"feed has: {_names(sorted(keys)) or 'nothing'})")
+    if extra:
+        raise DataError(f"{where}: unexpected key(s) {_names(extra)} (model inputs: {_names(specs)})")
+    out = {}
+    for name, spec in specs.items():
+        arr = np.asarray(arrays[name])
+        if arr.dtype.kind in "OSUV":
+            raise DataError(f"{where}: input {name!r} holds {arr.dtype} data; expected numbers of {spec.dtype}")
+        if spec.shape is not None:
+            if arr.ndim != len(spec.shape):
+                raise DataError(f"{where}: input {name!r} has shape {_fmt_shape(arr.shape)} (rank {arr.ndim}) but "
+                                f"the model takes rank {len(spec.shape)} {spec.shape_text()}")
+            for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
+                if isinstance(want, int) and want > 0 and want != got:
+                    raise DataError(f"{where}: input {name!r} has shape {_fmt_shape(arr.shape)} but the model "
+                                    f"takes {spec.shape_text()} (axis {axis}: {got} != {want})")
+        target, note = _cast_plan(where, spec, arr.dtype)
+        if target is not None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                arr = arr.astype(target)
+            if notes is not None and note and note not in notes:
+                notes.append(note)
+        if arr.dtype.kind in "fc" and arr.size and not np.all(np.isfinite(arr)):
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise DataError(f"{where}: input {name!r} contains {bad} NaN/Inf value(s)")
+        out[name] = arr
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
@@ -604,10 +711,11 @@ def _first_line(exc: BaseException) -> str:
     return lines[0][:200] if lines else type(exc).__name__
 
 
-def open_data(path, model: onnx.ModelProto, spec: DataConfig | None = None) -> DataSource:
+def open_data(path, model: ir.Model | onnx.ModelProto, spec: DataConfig | None = None) -> DataSource:
     """Open ``path`` (.npz, folder of .npz, or folder of images) as data for ``model``; checks it all first.
 
-    ``random:N`` (or ``random:N:SEED``) asks explicitly for seeded random inputs, with a warning.
+    ``random:N`` (or ``random:N:SEED``) asks explicitly for seeded random inputs, with a warning; symbolic
+    dims take their sizes from ``spec.dims``. With ``spec.layout == "feeds"`` each .npz is one feed.
     """
     spec = spec or DataConfig()
     if isinstance(path, str) and path.startswith("random:"):
@@ -616,10 +724,12 @@ def open_data(path, model: onnx.ModelProto, spec: DataConfig | None = None) -> D
             n, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
         except (ValueError, IndexError):
             raise DataError(f"{path!r}: random data is written random:N or random:N:SEED") from None
-        return random_data(model, n, seed=seed)
+        return random_data(model, n, seed=seed, batch_dims=spec.dims)
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {str(p)!r} does not exist")
+    if spec.layout == "feeds":
+        return _feed_files(p, model, spec)
     if p.is_file():
         if p.suffix.lower() != ".npz":
             kind = "an image" if p.suffix.lower() in IMAGE_EXTENSIONS else "a file"
@@ -644,6 +754,35 @@ def open_data(path, model: onnx.ModelProto, spec: DataConfig | None = None) -> D
                                  max_samples=spec.max_samples)
     sub = " (subfolders are not searched)" if any(f.is_dir() for f in p.iterdir()) else ""
     raise DataError(f"{p.name}/: no .npz or image files (jpg, jpeg, png, bmp, webp) in this folder{sub}")
+
+
+def _feed_files(p: Path, model, spec: DataConfig) -> FeedSource:
+    if p.is_file():
+        if p.suffix.lower() != ".npz":
+            raise DataError(f"{p.name}: feeds are .npz files (one feed each), or a folder of them")
+        files = [p]
+    elif p.is_dir():
+        files = sorted((f for f in p.iterdir() if f.is_file() and f.suffix.lower() == ".npz"
+                        and not f.name.startswith(".")), key=lambda f: f.name)
+        if not files:
+            raise DataError(f"{p.name}/: no .npz files (one feed each) in this folder")
+    else:
+        raise DataError(f"{p}: not a file or folder")
+    reader = NpzSource.__new__(NpzSource)  # its file reader and checks, without opening it as stacked data
+    reader.path = p
+
+    def loader(f: Path):
+        return lambda: reader._read(f)
+
+    base = p.name if p.is_file() else f"{p.name}/ ({len(files)} feeds)"
+    return FeedSource([(f.name, loader(f)) for f in files], model, base, max_samples=spec.max_samples)
+
+
+def from_feeds(feeds: list[dict[str, Any]], model, *, description: str = "feeds",
+               max_samples: int | None = None) -> FeedSource:
+    """A source over in-memory feeds (each a dict of arrays exactly as the model takes them)."""
+    return FeedSource([(f"{description}[{i}]", (lambda f=f: f)) for i, f in enumerate(feeds)], model, description,
+                      max_samples=max_samples)
 
 
 def from_arrays(arrays: dict[str, Any], model: onnx.ModelProto, *, description: str = "arrays",

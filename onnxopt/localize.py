@@ -27,6 +27,7 @@ from onnx import TensorProto
 
 from onnxopt.activations import activation_session
 from onnxopt.checks import infer
+from onnxopt.data import Feed, first, samples_in
 from onnxopt.graph import constant_tensor, is_op, values_by_name
 from onnxopt.metrics import json_safe
 from onnxopt.model_io import as_ir, load_model
@@ -124,8 +125,9 @@ def localize(reference, candidate, data, *, batch_size: int = 8, max_samples: in
     cos = dict.fromkeys(mapping, 0.0)
     done = 0
     for batch in data.batches(batch_size):
-        k = min(next(iter(batch.values())).shape[0], max_samples - done)
-        batch = {name: v[:k] for name, v in batch.items()}
+        k = min(samples_in(batch), max_samples - done)
+        batch = first(batch, k)
+        whole = isinstance(batch, Feed)  # a feed is one sample: its tensors are compared as one vector
         r = run_batch(ref_s, batch, [t for t, _ in compared], what="reference (localization)")
         c = run_batch(cand_s, batch, [mapping[t] for t, _ in compared], what="candidate (localization)")
         for t, _ in compared:
@@ -136,7 +138,8 @@ def localize(reference, candidate, data, *, batch_size: int = 8, max_samples: in
                 continue
             sig[t] += float((a * a).sum())
             noise[t] += float(((a - b) ** 2).sum())
-            a2, b2 = a.reshape(k, -1) if a.ndim else a.reshape(1, 1), b.reshape(k, -1) if b.ndim else b.reshape(1, 1)
+            rows = 1 if whole or not a.ndim else k
+            a2, b2 = a.reshape(rows, -1), b.reshape(rows, -1)
             den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
             per = np.where(den > 0, (a2 * b2).sum(axis=1) / np.where(den > 0, den, 1), 1.0)
             cos[t] += float(per.sum())

@@ -71,15 +71,19 @@ class OutputStats:
         self.cos_min = math.inf
         self.top1_ok = True
         self.top1_agree = 0
+        self.top1_rows = 0
         self.exact = 0
         self.nonfinite_ref = 0
         self.nonfinite_cand = 0
         self.nan_cand = 0
 
-    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+    def update(self, ref: np.ndarray, cand: np.ndarray, *, one_sample: bool = False) -> None:
+        """Add a batch (samples on axis 0), or with ``one_sample`` a whole feed's output as one sample (its
+        cosine over all elements; top-1 agreement still per row of a 2-D output)."""
         if self.error is not None:
             return
         ref, cand = np.asarray(ref), np.asarray(cand)
+        rows_2d = ref.ndim == 2
         if ref.dtype.kind in "OSUV" or cand.dtype.kind in "OSUV":
             self.error = f"not a numeric tensor ({ref.dtype} / {cand.dtype}); cannot compare"
             return
@@ -93,6 +97,9 @@ class OutputStats:
             self.dtype = str(cand.dtype) if cand.dtype == ref.dtype else f"{ref.dtype}->{cand.dtype}"
         if ref.ndim == 0:
             ref, cand = ref.reshape(1), cand.reshape(1)
+        top1_ref, top1_cand = ref, cand
+        if one_sample:
+            ref, cand = ref.reshape(1, -1), cand.reshape(1, -1)
         n = ref.shape[0]
         self.samples += n
         self.elements += ref.size
@@ -124,8 +131,10 @@ class OutputStats:
             cos = np.clip(cos, -1.0, 1.0)  # keeps NaN
             self.cos_sum += float(cos.sum())
             self.cos_min = float(np.minimum(self.cos_min, cos.min()))
-        if ref.ndim == 2 and ref.shape[1] > 1 and self.top1_ok:
-            self.top1_agree += int(np.count_nonzero(np.argmax(r, axis=1) == np.argmax(c, axis=1)))
+        if rows_2d and top1_ref.shape[1] > 1 and self.top1_ok:
+            agree = int(np.count_nonzero(np.argmax(top1_ref, axis=1) == np.argmax(top1_cand, axis=1)))
+            self.top1_agree += agree
+            self.top1_rows += top1_ref.shape[0]
         else:
             self.top1_ok = False
 
@@ -145,8 +154,8 @@ class OutputStats:
             m.cosine_mean = self.cos_sum / self.samples
             m.cosine_min = self.cos_min
             m.sqnr_db = sqnr_db(self.sum_ref2, self.sum_err2)
-        if self.top1_ok:
-            m.top1_agreement_pct = 100.0 * self.top1_agree / self.samples
+        if self.top1_ok and self.top1_rows:
+            m.top1_agreement_pct = 100.0 * self.top1_agree / self.top1_rows
         return m
 
 

@@ -76,6 +76,19 @@ class DataConfig(_Strict):
     input_name: str | None = Field(None, description="model input the images feed (default: the only input)")
     batch_size: int = Field(32, gt=0)
     max_samples: int | None = Field(None, gt=0)
+    layout: Literal["stacked", "feeds"] = Field(
+        "stacked", description="stacked: samples on axis 0 of every input; feeds: each .npz is one complete "
+                               "feed, arrays exactly as the model takes them (scalars, state, batch on any axis)")
+    dims: dict[str, int] = Field(default_factory=dict, description="sizes of symbolic dims by name, for random "
+                                                                   "data (random:N), e.g. {height: 416}")
+
+    @field_validator("dims")
+    @classmethod
+    def _positive_dims(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = [k for k, d in v.items() if d < 1]
+        if bad:
+            raise ValueError(f"dims must be at least 1 (got {bad[0]}={v[bad[0]]})")
+        return v
 
 
 class Recipe(_Strict):

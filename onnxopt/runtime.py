@@ -152,9 +152,12 @@ def run_batch(session: ort.InferenceSession, feed: dict[str, np.ndarray], output
     """
     names = outputs if outputs is not None else [o.name for o in session.get_outputs()]
     what = what or getattr(session, "_onnxopt_what", "model")
-    n = next(iter(feed.values())).shape[0] if feed else 0
+    from onnxopt.data import Feed
+
+    stacked = not isinstance(feed, Feed) and bool(feed) and all(np.ndim(v) for v in feed.values())
+    n = next(iter(feed.values())).shape[0] if stacked else 0
     fixed = static_batch(session)
-    pad = fixed - n if fixed and 0 < n < fixed else 0
+    pad = fixed - n if stacked and fixed and 0 < n < fixed else 0
     if pad:
         feed = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in feed.items()}
     try:
@@ -173,6 +176,8 @@ def run(session: ort.InferenceSession, data, *, batch_size: int, outputs: list[s
 
     ``batch_size`` is clamped to the model's static batch dim (``data.effective_batch_size``).
     """
+    from onnxopt.data import samples_in, subset
+
     what = what or getattr(session, "_onnxopt_what", "model")
     known = [o.name for o in session.get_outputs()]
     if outputs is not None:
@@ -192,9 +197,9 @@ def run(session: ort.InferenceSession, data, *, batch_size: int, outputs: list[s
     done = 0
     with progress.task(f"running {what}", len(data)) as bar:
         for batch in data.batches(batch_size):
-            feed = {k: v for k, v in batch.items() if k in session_inputs}
+            feed = subset(batch, session_inputs)
             result = run_batch(session, feed, outputs, what=what, first_sample=done)
-            n = next(iter(batch.values())).shape[0]
+            n = samples_in(batch)
             done += n
             bar.update(n)
             yield batch, result

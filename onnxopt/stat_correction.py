@@ -26,6 +26,7 @@ import onnx_ir as ir
 from pydantic import BaseModel, Field, PositiveInt
 
 from onnxopt.activations import exposed, limited_batches
+from onnxopt.data import samples_in, subset
 from onnxopt.errors import OnnxoptError
 from onnxopt.graph import Namer, add_initializer, constant_value, is_initializer, is_op, set_constant
 from onnxopt.model_io import as_ir
@@ -79,7 +80,7 @@ def channel_moments(model: ir.Model | onnx.ModelProto, outputs: list[str], sourc
     sums: list[Any] = [None] * len(outputs)
     done = 0
     for batch in limited_batches(source, batch_size, max_samples):
-        values = run_batch(session, {k: v for k, v in batch.items() if k in feed_names}, outputs,
+        values = run_batch(session, subset(batch, feed_names), outputs,
                            first_sample=done)
         for i, name in enumerate(outputs):
             v = np.asarray(values[name], dtype=np.float64)
@@ -88,7 +89,7 @@ def channel_moments(model: ir.Model | onnx.ModelProto, outputs: list[str], sourc
             axes = (0, *range(2, v.ndim))
             s = (v.sum(axis=axes), np.square(v).sum(axis=axes), v.size / v.shape[1])
             sums[i] = s if sums[i] is None else tuple(a + b for a, b in zip(sums[i], s, strict=True))
-        done += next(iter(batch.values())).shape[0]
+        done += samples_in(batch)
     if done == 0:
         raise OnnxoptError(f"{what}: no calibration samples in {source.description}")
     out = []

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxopt.data import DataSource, model_inputs
+from onnxopt.data import DataSource, model_inputs, samples_in
 from onnxopt.errors import DataError, OnnxoptError
 from onnxopt.metrics import AccuracyStats, OutputMetrics, OutputStats, fmt, json_safe
 from onnxopt.model_io import as_ir
@@ -310,9 +310,11 @@ def validate(reference: ModelRef, candidate: ModelRef, data: DataSource, *,
             raise OnnxoptError(f"gate.outputs names non-tensor output(s) {_names(non_tensor)}; they cannot be compared")
     if not tensor_outs:
         raise OnnxoptError("the model has no tensor outputs to compare")
+    feeds = getattr(data, "layout", "stacked") == "feeds"
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
-        if labels.shape[0] != len(data):
+        # with feeds the labels follow the rows of the scored output across feeds (checked at the end)
+        if not feeds and labels.shape[0] != len(data):
             raise DataError(f"{labels.shape[0]} labels but the data has {len(data)} samples")
 
     bs = data.effective_batch_size(batch_size)
@@ -328,21 +330,23 @@ def validate(reference: ModelRef, candidate: ModelRef, data: DataSource, *,
     acc_ref, acc_cand = AccuracyStats(), AccuracyStats()
     acc_output: str | None = None
     acc_order = list(gate.outputs or []) + [o for o in tensor_outs if o not in (gate.outputs or [])]
-    done = 0
+    done = labelled = 0
     with progress.task("validating", len(data)) as bar:
         for batch in data.batches(bs):
-            n = next(iter(batch.values())).shape[0]
+            n = samples_in(batch)
             ref_out = run_batch(ref_sess, batch, tensor_outs, what="reference", first_sample=done)
             cand_out = run_batch(cand_sess, batch, tensor_outs, what="candidate", first_sample=done)
             for name in tensor_outs:
-                stats[name].update(ref_out[name], cand_out[name])
+                stats[name].update(ref_out[name], cand_out[name], one_sample=feeds)
             if labels is not None:
                 if acc_output is None:
                     acc_output = _pick_accuracy_output(acc_order, ref_out)
                     if acc_output is None:
                         raise OnnxoptError("labels given but no output is [N, C] scores or [N] class ids "
                                            f"(outputs: {_names(tensor_outs)})")
-                y = labels[done:done + n]
+                rows = np.asarray(ref_out[acc_output]).shape[0] if feeds else n
+                y = labels[labelled:labelled + rows]
+                labelled += rows
                 try:
                     acc_ref.update(ref_out[acc_output], y)
                     acc_cand.update(cand_out[acc_output], y)
@@ -351,6 +355,9 @@ def validate(reference: ModelRef, candidate: ModelRef, data: DataSource, *,
             done += n
             bar.update(n)
 
+    if labels is not None and labelled != labels.shape[0]:
+        raise DataError(f"{labels.shape[0]} labels but the {'feeds gave' if feeds else 'data has'} {labelled} "
+                        f"{'rows of output ' + repr(acc_output) if feeds else 'samples'}")
     outputs = {name: stats[name].result() for name in tensor_outs}
     acc_r = acc_ref.result() if labels is not None else None
     acc_c = acc_cand.result() if labels is not None else None

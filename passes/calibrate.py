@@ -36,6 +36,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from onnxopt.activations import activation_session, limited_batches, select_tensors
+from onnxopt.data import samples_in, subset
 from onnxopt.errors import DataError, OnnxoptError
 from onnxopt.model_io import atomic_write, content_digest
 from onnxopt.observers import Observer, make_observer
@@ -77,7 +78,7 @@ def data_digest(source, batch_size: int, max_samples: int | None) -> tuple[str, 
             a = np.ascontiguousarray(batch[name])
             h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
             h.update(a.data.cast("B") if a.size else b"")
-        n += next(iter(batch.values())).shape[0]
+        n += samples_in(batch)
     return h.hexdigest(), n
 
 
@@ -162,11 +163,11 @@ class Calibrate(Pass):
             batch = next(batches, None)
             if batch is None:
                 return None
-            feed = {k: v for k, v in batch.items() if k in feed_names}
+            feed = subset(batch, feed_names)
             values = run_batch(session, feed, fetch, first_sample=done) if fetch else {}
             for t in from_feed:
                 values[t] = batch[t]
-            return values, next(iter(batch.values())).shape[0]
+            return values, samples_in(batch)
 
         dropped: set[str] = set()
         total = len(source) if cfg.max_samples is None else min(len(source), cfg.max_samples)

@@ -50,6 +50,7 @@ from pydantic import Field, NonNegativeFloat, PositiveInt
 from onnxopt import graph as irg
 from onnxopt.activations import activation_session
 from onnxopt.checks import infer
+from onnxopt.data import first, samples_in, subset
 from onnxopt.errors import PreconditionError
 from onnxopt.graph import (
     Namer,
@@ -646,8 +647,8 @@ class PruneChannels(Pass):
             for batch in source.batches(cfg.batch_size):
                 if done >= total:
                     break
-                batch = {k: v[:total - done] for k, v in batch.items()}
-                feed = {k: v for k, v in batch.items() if k in feed_names}
+                batch = first(batch, total - done)
+                feed = subset(batch, feed_names)
                 got = run_batch(session, feed, fetch, first_sample=done) if fetch else {}
                 for v in values:
                     x = got[v] if v in got else batch[v]
@@ -668,7 +669,7 @@ class PruneChannels(Pass):
                         a["gram"] += (rows.T @ rows).astype(np.float64)
                     else:
                         a["sq"] += np.square(rows, dtype=np.float64).sum(axis=0)
-                n = next(iter(batch.values())).shape[0]
+                n = samples_in(batch)
                 done += n
                 bar.update(n)
                 del got
@@ -1031,8 +1032,8 @@ class PruneChannels(Pass):
             for batch in source.batches(cfg.batch_size):
                 if done >= total:
                     break
-                batch = {k: v[:total - done] for k, v in batch.items()}
-                feed = {k: v for k, v in batch.items() if k in feed_names}
+                batch = first(batch, total - done)
+                feed = subset(batch, feed_names)
                 a = run_batch(s_orig, feed, fetch, first_sample=done) if fetch else {}
                 b = run_batch(s_cur, feed, fetch, first_sample=done) if fetch else {}
                 for v in values:
@@ -1045,7 +1046,7 @@ class PruneChannels(Pass):
                     st["gx"] = st["gx"] + (x.T @ x).astype(np.float64)
                     st["gt"] = st["gt"] + (t.T @ t).astype(np.float64)
                     st["ct"] = st["ct"] + (t.T @ x).astype(np.float64)
-                n = next(iter(batch.values())).shape[0]
+                n = samples_in(batch)
                 done += n
                 bar.update(n)
                 del a, b

@@ -85,6 +85,7 @@ from pydantic import Field, PositiveInt, field_validator
 
 from onnxopt import compression
 from onnxopt.activations import GramRequest, collect_grams, single_threaded_blas
+from onnxopt.data import samples_in
 from onnxopt.errors import OnnxoptError, PreconditionError
 from onnxopt.graph import (
     Namer,
@@ -969,7 +970,7 @@ class SampleRange:
     def batches(self, batch_size: int):
         pos = 0
         for batch in self.source.batches(batch_size):
-            n = next(iter(batch.values())).shape[0]
+            n = samples_in(batch)
             a, b = max(self.start - pos, 0), min(self.stop - pos, n)
             pos += n
             if a < b:

@@ -37,6 +37,7 @@ import onnx_ir as ir
 from pydantic import Field, field_validator
 
 from onnxopt.activations import GRAM_CHUNK, stream_activations
+from onnxopt.data import samples_in
 from onnxopt.errors import OnnxoptError, PreconditionError
 from onnxopt.graph import (
     DEFAULT_DOMAINS,
@@ -368,7 +369,7 @@ def collect_hessians(model: ir.Model, source, tensors: dict[str, int], cfg: Quan
                     part = rows[start:start + GRAM_CHUNK]
                     grams[t] += (part.T @ part).astype(np.float64)
                 rows_seen[t] += rows.shape[0]
-            n = next(iter(batch.values())).shape[0]
+            n = samples_in(batch)
             done += n
             bar.update(n)
     if done == 0:
