@@ -237,10 +237,11 @@ class ConstantFolding(Pass):
                 if out.name and needed:
                     new = _replace_with_initializer(g, out, ir.tensor(values[out.name]), self.namer)
                     self.renames.append((new, out.name))
-        for node, shape in reshapes:
-            node.replace_input_with(1, add_initializer(g, shape, f"{node.outputs[0].name}_shape", self.namer))
         g.remove(doomed, safe=True)
         self._apply_renames(g)
+        # after the folded values have their names back: initializers keep the order folded values, then targets
+        for node, shape in reshapes:
+            node.replace_input_with(1, add_initializer(g, shape, f"{node.outputs[0].name}_shape", self.namer))
         return True
 
     def _names(self, node: ir.Node) -> list[str]:

@@ -94,8 +94,11 @@ class FoldPadIntoConv(Pass):
         old = [0] * (2 * spatial) if auto_pad == "VALID" else attr(conv, "pads", [0] * (2 * spatial))
         new = [old[i] + pads[2 + i] for i in range(spatial)] + [old[spatial + i] + pads[rank + 2 + i]
                                                                 for i in range(spatial)]
+        # rewritten attributes move to the end, as the protobuf version of this pass wrote them
+        conv.attributes.pop("pads", None)
         set_attr(conv, "pads", new)
         if auto_pad == "VALID":
+            conv.attributes.pop("auto_pad", None)
             set_attr(conv, "auto_pad", "NOTSET")
         conv.replace_input_with(0, pad.inputs[0])
         return True

@@ -261,3 +261,79 @@ def test_int64_shape_values_fold_from_initializers():
     assert ops(out) == {}
     np.testing.assert_array_equal(initializer_value(out, "y"), [3, 4])
     assert_same(model, out, feeds={"x": rand(2, 3)}, exact=True)
+
+
+def test_cleanup_preset_reads_no_weight_of_a_multi_gb_model(tmp_path, monkeypatch):
+    """MatMul -> Relu -> MatMul -> Add blocks with 2.4 GB of external weights (a sparse file: no disk, no RAM)
+    and some foldable small things around them: the whole cleanup preset folds those and never reads a weight
+    (the lazy tensors stay unloaded), not even one with a constant consumer too large to fold."""
+    import onnx_ir as ir
+
+    from onnxopt.model_io import load_model
+    from onnxopt.pass_infra import PassManager
+
+    d, blocks = 6144, 8
+    data = tmp_path / "m.onnx.data"
+    offset, inits, nodes, x = 0, [], [node("Identity", ["x"], ["x0"])], "x0"
+
+    def external(name, shape):
+        nonlocal offset
+        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape, data_location=TensorProto.EXTERNAL)
+        length = 4 * int(np.prod(shape))
+        for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
+            t.external_data.add(key=key, value=value)
+        offset += length
+        inits.append(t)
+
+    for i in range(blocks):
+        external(f"b{i}.w1", [d, d]), external(f"b{i}.w2", [d, d]), external(f"b{i}.bias", [d])
+        nodes += [node("MatMul", [x, f"b{i}.w1"], [f"b{i}.h"]), node("Relu", [f"b{i}.h"], [f"b{i}.r"]),
+                  node("MatMul", [f"b{i}.r", f"b{i}.w2"], [f"b{i}.m"]),
+                  node("Add", [f"b{i}.m", f"b{i}.bias"], [f"b{i}.y"])]
+        x = f"b{i}.y"
+    nodes += [node("Shape", [x], ["s"]), const("zero", np.array([0], np.int64)), node("Gather", ["s", "zero"], ["n"]),
+              const("rest", np.array([-1], np.int64)), node("Concat", ["n", "rest"], ["target"], axis=0),
+              node("Reshape", [x, "target"], ["flat"]),
+              const("c1", np.full(d, 0.5, np.float32)),
+              node("Mul", ["c1", "c2"], ["scale"]), node("Mul", ["flat", "scale"], ["scaled"]),
+              # constant inputs, but folding would add 151 MB and free nothing (b0.w1 is read elsewhere)
+              const("half", np.float32(0.5)), node("Mul", ["b0.w1", "half"], ["w_half"]),
+              node("MatMul", ["x0", "w_half"], ["side"]), node("Add", ["scaled", "side"], ["y"])]
+    inits.append(init("c2", np.full(d, 3.0, np.float32)))  # small and embedded
+    model = make_model(nodes, [vi("x", ["N", d])], [vi("y", ["N", d])], inits)
+    with open(data, "wb") as f:
+        f.truncate(offset)  # sparse: reads would see zeros
+    assert offset > 2**31
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+
+    reads = []
+    real_load = ir.ExternalTensor._load
+
+    def spy(self):
+        reads.append(self.name)
+        return real_load(self)
+
+    monkeypatch.setattr(ir.ExternalTensor, "_load", spy)
+    lazy = load_model(tmp_path / "m.onnx")
+    result = PassManager(load_recipe("cleanup").build_passes(), strict=True).run(lazy)
+    out = result.model
+    assert reads == []
+    details = {r.name: r.details for r in result.records}
+    assert details["remove-identity"]["identity"] == 1
+    assert details["constant-folding"]["constants"] == 4
+    assert details["constant-folding"]["folded"] == 1 and details["constant-folding"]["reshapes"] == 1
+    assert ops_of(out.graph) == {"MatMul": 2 * blocks + 1, "Relu": blocks, "Add": blocks + 1, "Reshape": 1, "Mul": 2}
+    big = {n: v for n, v in out.graph.initializers.items() if n.startswith("b")}
+    assert len(big) == 3 * blocks and all(isinstance(v.const_value, ir.ExternalTensor) for v in big.values())
+    target = next(n for n in out.graph if n.op_type == "Reshape").inputs[1].const_value.numpy()
+    assert target.tolist() == [0, -1]
+    np.testing.assert_array_equal(out.graph.initializers["scale"].const_value.numpy(), np.full(d, 1.5, np.float32))
+    assert reads == []
+    out.graph.initializers["b0.bias"].const_value.numpy()  # the spy does see a read
+    assert reads == ["b0.bias"]
+
+
+def ops_of(graph):
+    from collections import Counter
+
+    return dict(Counter(n.op_type for n in graph))

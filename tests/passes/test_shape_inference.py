@@ -62,3 +62,30 @@ def test_large_weights_are_not_read_but_small_shape_tensors_are():
     assert [d.dim_value for d in result.model.graph.output[0].type.tensor_type.shape.dim][1:] == [2, 2]
     out_w = next(t for t in result.model.graph.initializer if t.name == "w")
     np.testing.assert_array_equal(numpy_helper.to_array(out_w), big)  # the model keeps its weights
+
+
+def test_values_inside_subgraph_bodies_get_their_shapes():
+    """Inferred on the skeleton, written back onto the body values: the same value_info as onnx's inference of
+    the whole model puts in the bodies, and that is a modification even when the main graph gains nothing (the
+    protobuf version of the pass dropped body shapes in that case)."""
+    import onnx
+    from onnx import TensorProto
+
+    then = helper.make_graph([node("Neg", ["x"], ["t0"]), node("Relu", ["t0"], ["t"])], "then", [],
+                             [vi("t", ["N", 2])])
+    other = helper.make_graph([node("Abs", ["x"], ["e0"]), node("Unsqueeze", ["e0", "axes"], ["e1"]),
+                               node("Squeeze", ["e1", "axes"], ["e"])], "else", [], [vi("e", ["N", 2])])
+    model = make_model([node("If", ["cond"], ["y"], then_branch=then, else_branch=other)],
+                       [vi("cond", [], TensorProto.BOOL), vi("x", ["N", 2]), vi("axes", [1], TensorProto.INT64)],
+                       [vi("y", ["N", 2])])
+    result = run(model, ShapeInference())
+    assert result.records[0].modified and result.records[0].details == {"value_info": 0, "added": 0}
+    reference = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+
+    def bodies(m):
+        return {a.name: {v.name: v.SerializeToString() for v in a.g.value_info} for a in m.graph.node[0].attribute}
+
+    assert bodies(result.model) == bodies(reference)
+    assert set(bodies(result.model)["then_branch"]) == {"t0"}
+    assert set(bodies(result.model)["else_branch"]) == {"e0", "e1"}
+    assert_idempotent(result.model, ShapeInference)
