@@ -19,11 +19,19 @@ from pydantic import Field, PositiveInt, model_validator
 
 from onnxopt.activations import InputStats, collect_grams
 from onnxopt.errors import OnnxoptError, PreconditionError
-from onnxopt.graph import drop_if_unused, replace_node
+from onnxopt.graph import constant_tensor, drop_if_unused, replace_node
 from onnxopt.pass_infra import Pass, PassConfig, PassResult
 
 DEFAULT_RULE = ("param_ratio", 0.75)
 ALLOC_FLOOR = 1e-3  # allocation: a relative squared error this small counts as done (see allocate_ranks)
+FLOAT_TYPES = (ir.DataType.FLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)  # layers.FLOAT_DTYPES
+
+
+def float_weight(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor of a float initializer or ``Constant`` output (else None), for its shape and dtype: the
+    layers ``layers.constant_weight`` accepts, without reading their values."""
+    tensor = constant_tensor(value)
+    return tensor if tensor is not None and tensor.dtype in FLOAT_TYPES else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,8 +61,8 @@ import onnx_ir as ir
 from pydantic import Field, PositiveInt, model_validator
 
 from onnxopt.activations import GramRequest, InputStats, single_threaded_blas
-from onnxopt.graph import Namer, add_initializer, attr, constant_value, make_node
-from onnxopt.layers import constant_weight, fold_into_following_add, node_label
+from onnxopt.graph import Namer, add_initializer, attr, constant_value, make_node, release
+from onnxopt.layers import fold_into_following_add, node_label
 from onnxopt.lowrank import (
     LayerChoice,
     LowRankConfigBase,
@@ -71,6 +71,7 @@ from onnxopt.lowrank import (
     Spectrum,
     allocate_ranks,
     energy_kept,
+    float_weight,
     layer_gram,
     matrix_choice,
     spectrum_of,
@@ -132,8 +133,8 @@ def _matmul_targets(graph: ir.Graph, skipped: dict[str, str]) -> list[_Linear]:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
             continue
         wv, xv = node.inputs[1], node.inputs[0]
-        w = constant_weight(wv)
-        if w is None or w.ndim != 2 or xv is None or constant_value(xv) is not None:
+        w = float_weight(wv)  # shape and dtype only: the values are read when the layer is factored
+        if w is None or len(w.shape) != 2 or xv is None or constant_value(xv) is not None:
             continue
         label = node_label(node)
         if SVD_MARK in (node.name or ""):
@@ -144,8 +145,9 @@ def _matmul_targets(graph: ir.Graph, skipped: dict[str, str]) -> list[_Linear]:
             skipped[label] = f"weight {wv.name!r} is shared with {len(others)} other node(s)"
             continue
         trans_a = node.op_type == "Gemm" and bool(attr(node, "transA", 0))
-        shape = (w.shape[1], w.shape[0]) if node.op_type == "Gemm" and attr(node, "transB", 0) else w.shape
-        out.append(_Linear(node, label, wv.name, wv, tuple(shape), w.dtype, xv, trans_a))
+        rows, cols = (int(d) for d in w.shape)
+        shape = (cols, rows) if node.op_type == "Gemm" and attr(node, "transB", 0) else (rows, cols)
+        out.append(_Linear(node, label, wv.name, wv, shape, w.dtype.numpy(), xv, trans_a))
     return out
 
 
@@ -176,35 +178,42 @@ class LowRankSVD(LowRankPassBase):
                     GramRequest(t.act.name, k, _rows_transposed(k) if t.trans_a else _rows_last(k)))
 
         grams = self.gather(model, chosen, request, result)
+
+        def spectrum(t: _Linear, w: np.ndarray) -> tuple[Spectrum, float | None]:
+            stats = grams.get(t.label)
+            c, alpha = layer_gram(stats, method, self.corrects_bias(method, stats), self.config.damping)
+            return spectrum_of(w, c), alpha
+
         with single_threaded_blas():
-            spectra = {}
-            for t in chosen:
-                stats = grams.get(t.label)
-                c, alpha = layer_gram(stats, method, self.corrects_bias(method, stats), self.config.damping)
-                spectra[t.label] = (spectrum_of(t.w, c), alpha)
-            allocated = {}
+            spectra, allocated = {}, {}
             if self.config.allocation == "global":
+                # one budget for all the layers: every spectrum first (each held until its layer is factored)
+                spectra = {t.label: spectrum(t, t.w) for t in chosen}
                 free = [t for t in chosen if self.mapped_rank(t.label, t.weight) is None]
                 allocated = allocate_ranks({t.label: (*t.shape, spectra[t.label][0].s) for t in free},
                                            self.config.param_ratio)
-            for t in chosen:
-                f, alpha = spectra.pop(t.label)
-                outcome = self._factor(t, method, grams.get(t.label), f, alpha, allocated.get(t.label))
+            for t in chosen:  # per layer: one weight read, factored, rewritten and released at a time
+                w = t.w
+                f, alpha = spectra.pop(t.label) if t.label in spectra else spectrum(t, w)
+                outcome = self._factor(t, w, method, grams.pop(t.label, None), f, alpha, allocated.get(t.label))
+                del w, f
                 if isinstance(outcome, str):
                     result.skipped[t.label] = outcome
+                    release(t.value)  # left as it is (a factored weight is released when it is dropped)
                 else:
                     result.layers[t.label] = outcome
         return self.finish(result)
 
-    def _factor(self, t: _Linear, method: str, stats: InputStats | None, f: Spectrum,
+    def _factor(self, t: _Linear, w: np.ndarray, method: str, stats: InputStats | None, f: Spectrum,
                 alpha: float | None, allocated: int | None) -> LayerChoice | str:
+        """Factor ``t`` (``w``: its effective K x N weights) and rewrite it; the reason if it is left alone."""
         k, n = t.shape
         corrected = self.corrects_bias(method, stats)
         r = allocated if allocated is not None else self.matrix_rank(t.label, t.weight, k, n, f.s)
         new_params = svd_rank_params(k, n, r)
         if new_params >= k * n and self.config.skip_unprofitable:
             return f"rank {r} saves nothing: r*(K+N) = {new_params} >= K*N = {k * n} (K={k}, N={n})"
-        m = matrix_choice(t.w, f, r, stats, method, corrected)
+        m = matrix_choice(w, f, r, stats, method, corrected)
         choice = LayerChoice(
             node=t.label, op_type=t.node.op_type, weight=t.weight, shape=[k, n], form="svd", rank=r,
             method=method, params_before=k * n, params_after=new_params, macs_before=k * n,

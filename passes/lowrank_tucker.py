@@ -45,8 +45,8 @@ from pydantic import AfterValidator, Field
 
 from onnxopt.activations import GramRequest, InputStats, single_threaded_blas
 from onnxopt.errors import OnnxoptError
-from onnxopt.graph import Namer, add_initializer, attr, constant_value, make_node
-from onnxopt.layers import Geometry, constant_weight, node_label
+from onnxopt.graph import Namer, add_initializer, attr, constant_value, make_node, release
+from onnxopt.layers import Geometry, node_label
 from onnxopt.lowrank import (
     LayerChoice,
     LowRankConfigBase,
@@ -55,6 +55,7 @@ from onnxopt.lowrank import (
     balance,
     energy_kept,
     energy_rank,
+    float_weight,
     layer_gram,
     matrix_choice,
     output_error,
@@ -180,8 +181,8 @@ class LowRankTucker(LowRankPassBase):
             if node.domain not in ("", "ai.onnx") or node.op_type != "Conv" or len(node.inputs) < 2:
                 continue
             wv, xv = node.inputs[1], node.inputs[0]
-            w = constant_weight(wv)
-            if w is None or w.ndim < 3 or xv is None or constant_value(xv) is not None:
+            w = float_weight(wv)  # shape and dtype only: the values are read when the layer is factored
+            if w is None or len(w.shape) < 3 or xv is None or constant_value(xv) is not None:
                 continue
             label = node_label(node)
             if TUCKER_MARK in (node.name or ""):
@@ -194,8 +195,8 @@ class LowRankTucker(LowRankPassBase):
             if others:
                 skipped[label] = f"weight {wv.name!r} is shared with {len(others)} other node(s)"
                 continue
-            kernel = tuple(int(k) for k in w.shape[2:])
-            out.append(_Conv(node, label, wv.name, wv, tuple(w.shape), w.dtype, Geometry.of(node, kernel)))
+            shape = tuple(int(d) for d in w.shape)
+            out.append(_Conv(node, label, wv.name, wv, shape, w.dtype.numpy(), Geometry.of(node, shape[2:])))
         return out
 
     def call(self, model: ir.Model) -> LowRankTuckerResult:
@@ -218,6 +219,7 @@ class LowRankTucker(LowRankPassBase):
                 outcome = (self._pointwise if t.pointwise else self._tucker)(t, method, gram)
                 if isinstance(outcome, str):
                     result.skipped[t.label] = outcome
+                    release(t.value)  # left as it is (a factored weight is released when it is dropped)
                 else:
                     result.layers[t.label] = outcome
         return self.finish(result)

@@ -35,7 +35,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from onnxopt.errors import PreconditionError
-from onnxopt.graph import Namer, add_initializer, clone_model, constant_value, make_node
+from onnxopt.graph import Namer, add_initializer, clone_model, constant_value, make_node, release
 from onnxopt.mixed import (
     Component,
     ScoreEntry,
@@ -47,11 +47,11 @@ from onnxopt.mixed import (
     scoring_data,
     weight_components,
 )
-from onnxopt.model_io import has_external_data, load_model, save_model
+from onnxopt.model_io import estimated_size, has_external_data, load_model, save_model
 from onnxopt.pass_infra import Pass, PassConfig
 from onnxopt.quant import activation_params
 from onnxopt.ranges import CalibrationResult
-from onnxopt.runtime import make_session, run_batch
+from onnxopt.runtime import FILE_SESSION_BYTES, make_session, run_batch
 
 
 class SignificanceConfig(PassConfig):
@@ -160,6 +160,7 @@ class _Scorer:
                 outs = self._outputs(self.model)
             finally:
                 value.const_value = saved
+                release(value)  # a memory-mapped weight: unmapped until the next read
         else:
             outs = self._outputs(self._with_fake_quant(c.tensor))
         # KL/MSE of the float model to itself are 0; cross-entropy has a baseline
@@ -311,7 +312,11 @@ class Significance(Pass):
             tmp = Path(tempfile.mkdtemp(prefix="onnxopt-significance-"))
             try:
                 path = tmp / "model.onnx"
-                save_model(args[0], path, external_data=has_external_data(args[0]) or None, check=False)
+                model = args[0]
+                # external data when ORT gets the model through a file anyway: the workers then map the
+                # weights instead of each holding a copy
+                large = has_external_data(model) or estimated_size(model) > FILE_SESSION_BYTES
+                save_model(model, path, external_data=True if large else None, check=False)
                 worker_args = (str(path), *args[1:])
                 # spawn: a forked child would inherit ORT's thread pools mid-state
                 ctx = multiprocessing.get_context("spawn")

@@ -124,6 +124,32 @@ def test_channel_groups_and_workers_and_score_file(tmp_path):
         run_significance(model, x, scores_file=str(tmp_path / "bad.json"))
 
 
+def test_workers_read_an_external_data_model_from_one_file(tmp_path):
+    """A model whose weights live in external data goes to the workers as one file with external data
+    (memory-mapped there); the scores are those of the in-memory model scored in this process."""
+    from onnxopt.model_io import has_external_data, load_model, save_model
+
+    rng = np.random.default_rng(1)
+    ws = [rng.standard_normal(s).astype(np.float32) * 0.2 for s in ((8, 64), (64, 64), (64, 5))]
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h1"], name="fc1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("Gemm", ["r1", "w2"], ["h2"], name="fc2"),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+             helper.make_node("Gemm", ["r2", "w3"], ["logits"], name="fc3")]
+    model = make_model(nodes, [vi("x", ["N", 8])], [vi("logits", ["N", 5])],
+                       [init(f"w{i + 1}", w) for i, w in enumerate(ws)])
+    x = rng.standard_normal((40, 8)).astype(np.float32)
+    serial = run_significance(model, x, max_samples=16)
+    assert set(serial.scores) == {"fc1", "fc2", "fc3"} and min(serial.scores.values()) > 0
+    path = save_model(model, tmp_path / "m.onnx", external_data=True)
+    lazy = load_model(path)
+    assert has_external_data(lazy)
+    parallel = run_significance(lazy, x, max_samples=16, workers=2)
+    assert parallel.scores == pytest.approx(serial.scores, rel=1e-6, abs=1e-12)
+    in_process = run_significance(lazy, x, max_samples=16)
+    assert in_process.scores == pytest.approx(serial.scores, rel=1e-6, abs=1e-12)
+
+
 def test_activation_components_need_calibration_and_score():
     from onnxopt.passes.calibrate import Calibrate, CalibrateConfig
 
