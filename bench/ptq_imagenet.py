@@ -340,7 +340,7 @@ def main() -> None:
         rows[label].update(calib_s=ort_cal["minmax"].get("calib_s"), calib_rss_mb=ort_cal["minmax"].get("calib_rss_mb"),
                            calib_rss_2n_mb=ort_cal_2n.get("calib_rss_mb"))
 
-    from onnxopt.passes.quantize_qdq import kernel_share
+    from onnxopt.qdq import kernel_share
 
     ok = {k: r for k, r in rows.items() if "error" not in r}
     sessions = {k: session(r["path"], threads=1) for k, r in ok.items()}

@@ -16,8 +16,9 @@ observers consume the current one, so at most two batches of activations are in 
 batch 20), whatever the number of samples.
 
 Ranges are cached on disk (``<context.cache_dir>/ranges`` or ``$XDG_CACHE_HOME/onnxopt/ranges``,
-default ``~/.cache/onnxopt/ranges``) under a key hashing the model bytes, the data content
-(streamed) and the config; a re-run with the same three skips the model entirely.
+default ``~/.cache/onnxopt/ranges``) under a key hashing the model's content (``model_io.content_digest``:
+its weight-less structure, then the large weights' bytes one tensor at a time, each let go after hashing),
+the data content (streamed) and the config; a re-run with the same three skips the model entirely.
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ from onnxopt.graph import (
     constant_value,
     make_node,
     opset_version,
+    release,
     set_attr,
     subgraphs,
     values_by_name,
@@ -167,7 +168,26 @@ class _Index:
         return name in self.graph_outputs
 
     def constant(self, name: str) -> np.ndarray | None:
+        """The values of a constant (read: for a lazy weight, ``release`` it when done)."""
         return constant_value(self.value(name))
+
+    def is_constant(self, name: str) -> bool:
+        """A constant whose values numpy can hold, decided without reading them."""
+        t = constant_tensor(self.value(name))
+        if t is None:
+            return False
+        try:
+            t.dtype.numpy()
+        except Exception:  # noqa: BLE001 - a dtype numpy cannot hold is "not a constant we can use"
+            return False
+        return True
+
+    def constant_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of a constant (``is_constant``), without reading its values."""
+        return tuple(int(d) for d in constant_tensor(self.value(name)).shape)
+
+    def release(self, name: str) -> None:
+        release(self.value(name))
 
 
 def _all(graph: ir.Graph):
@@ -427,20 +447,10 @@ class QuantizeQDQ(Pass):
             return None
         if not cfg.allow_opset_upgrade:
             raise PreconditionError(f"{why} need opset >= {need} (model has {current}) and allow_opset_upgrade is off")
-        from onnx import version_converter
+        from onnxopt.opset import upgrade_opset
 
-        from onnxopt.model_io import from_proto, to_proto
-
-        # onnx's converter works on a whole ModelProto (weights read in); opsets below 13 are older exports,
-        # small in practice
-        proto = to_proto(ir.external_data.load_to_model(clone_model(model)))
-        try:
-            upgraded = version_converter.convert_version(proto, need)
-        except Exception as exc:  # noqa: BLE001 - the converter raises assorted errors
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise PreconditionError(f"{why} need opset >= {need}; onnx.version_converter failed to upgrade "
-                                    f"from {current}: {first[:200]}") from None
-        return from_proto(upgraded), current, need, why
+        # converted on the weight-less skeleton; the upgraded model shares the weights (lazy ones stay unread)
+        return upgrade_opset(model, need, reason=f"{why} need opset >= {need}"), current, need, why
 
 
 def _quantized_readers(idx: _Index, quantized: dict, t: str) -> list[tuple[ir.Node, int]]:
@@ -533,7 +543,7 @@ class _Quantizer:
         return bool(name) and self.types.get(name) == TensorProto.FLOAT
 
     def _is_const(self, name: str) -> bool:
-        return bool(name) and self.index.constant(name) is not None
+        return bool(name) and self.index.is_constant(name)
 
     def _anchor(self, n: ir.Node, s: _Setting) -> _Anchor | str | None:
         """The quantization plan for an anchor op, why it cannot be quantized, or None when it is
@@ -560,14 +570,14 @@ class _Quantizer:
             if len(ins_) > 2 and ins_[2]:
                 if not self._is_const(ins_[2]):
                     return "bias is not a constant"
-                if op == "Gemm":
-                    w = self.index.constant(ins_[1])
-                    n_out = w.shape[0] if attr(n, "transB", 0) else w.shape[1]
-                    c = self.index.constant(ins_[2])
-                    if c.size not in (1, n_out) or (c.ndim == 2 and c.shape[0] != 1):
-                        return f"bias of shape {list(c.shape)} is not per output column"
+                if op == "Gemm":  # shapes only: no weight is read while planning
+                    w_shape = self.index.constant_shape(ins_[1])
+                    n_out = w_shape[0] if attr(n, "transB", 0) else w_shape[1]
+                    c_shape = self.index.constant_shape(ins_[2])
+                    if math.prod(c_shape) not in (1, n_out) or (len(c_shape) == 2 and c_shape[0] != 1):
+                        return f"bias of shape {list(c_shape)} is not per output column"
                 bias_slot = 2
-            if op in ("Conv", "ConvTranspose") and self.index.constant(ins_[1]).ndim < 3:
+            if op in ("Conv", "ConvTranspose") and len(self.index.constant_shape(ins_[1])) < 3:
                 return "weight rank < 3"
             act = [0] if w_const else [0, 1]  # MatMul of two activations: both per tensor
             return _Anchor(n, s, act, [], 1 if w_const else None, bias_slot)
@@ -949,6 +959,7 @@ class _Quantizer:
         for i in a.const_slots:
             name = a.inputs[i]
             value = idx.constant(name).astype(np.float32)
+            idx.release(name)
             scale, zp = activation_params(float(value.min()), float(value.max()), act_type,
                                           symmetric=self.cfg.activation_symmetric)
             qv = quantize(value, scale, zp, act_type)
@@ -962,7 +973,8 @@ class _Quantizer:
             return
         op = n.op_type
         wname = a.inputs[a.weight_slot]
-        w = idx.constant(wname).astype(np.float32)
+        w = idx.constant(wname).astype(np.float32)  # a copy: the float weight is read once, here
+        idx.release(wname)
         if op == "Gemm":
             alpha = float(attr(n, "alpha", 1.0))
             if alpha != 1.0:  # QGemm assumes bias scale = a_scale * b_scale: fold alpha into B
@@ -998,6 +1010,7 @@ class _Quantizer:
         correct = self._bias_correction(a, w) if n_out is not None else None
         if a.bias_slot is not None:
             b = idx.constant(a.inputs[a.bias_slot]).astype(np.float32).reshape(-1)
+            idx.release(a.inputs[a.bias_slot])
             if op == "Gemm":
                 beta = float(attr(n, "beta", 1.0))
                 if beta != 1.0 and (quantize_bias_too or correct is not None):

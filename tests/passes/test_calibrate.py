@@ -230,3 +230,48 @@ def test_data_for_other_inputs_is_a_data_error(tmp_path):
     _, source = _data(model, n=8)  # opened for the model with input 'x'
     with pytest.raises(DataError, match="no values for model input.*'image'"):
         _run(renamed, source, tmp_path, cache=False)
+
+
+def test_cache_key_streams_large_weights(tmp_path, sessions, monkeypatch):
+    """The model part of the cache key hashes large weights one tensor at a time (each mapped, hashed, let go)
+    and still sees a change of one value in one weight."""
+    import onnx_ir as ir
+
+    from onnxopt.model_io import from_proto, load_model, save_model
+
+    def model(big: np.ndarray) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "big"], ["mm"]), helper.make_node("Relu", ["mm"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5000])],
+            [numpy_helper.from_array(big, "big")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    big = np.random.default_rng(0).standard_normal((4, 5000)).astype(np.float32)  # 80 KB: external, hashed apart
+    changed = big.copy()
+    changed[3, 4999] += 1
+    for name, w in (("a", big), ("b", changed)):
+        save_model(from_proto(model(w)), tmp_path / f"{name}.onnx", external_data=True)
+    x = np.random.default_rng(1).standard_normal((8, 4)).astype(np.float32)
+    loads, mapped, peak = [], set(), [0]
+    real_load, real_release = ir.ExternalTensor._load, ir.ExternalTensor.release
+
+    def load(self):
+        loads.append(self.name)
+        mapped.add(id(self))
+        peak[0] = max(peak[0], len(mapped))
+        return real_load(self)
+
+    def release(self):
+        mapped.discard(id(self))
+        return real_release(self)
+
+    monkeypatch.setattr(ir.ExternalTensor, "_load", load)
+    monkeypatch.setattr(ir.ExternalTensor, "release", release)
+    results = []
+    for name in ("a", "a", "b"):
+        lazy = load_model(tmp_path / f"{name}.onnx")
+        assert isinstance(lazy.graph.initializers["big"].const_value, ir.ExternalTensor)
+        results.append(_run(lazy, from_arrays({"x": x}, lazy), tmp_path / "cache", observer="minmax"))
+    assert [r.details["cache"] for r in results] == ["miss", "hit", "miss"] and len(sessions) == 2
+    assert loads == ["big"] * 3 and peak[0] == 1 and not mapped  # one read per key, released after hashing

@@ -608,6 +608,73 @@ def test_op_types_filter_and_override_precedence():
     assert set(res.weights) == {"second"} and res.weights["second"].dtype == "int8"
 
 
+# --- large models: weights read one at a time -------------------------------------------------------
+@pytest.mark.parametrize("weight_type", ["int8", "int4"])
+def test_external_weights_are_read_one_at_a_time(tmp_path, monkeypatch, weight_type):
+    """Planning reads shapes only; each weight is mapped once, when it is quantized, and let go before the next
+    one; calibration's cache key streams the weights the same way; the opset upgrade int4 needs reads none (a
+    weight left float stays in the data file). The result is the in-memory model's."""
+    import onnx_ir as ir
+    from onnxopt.passes.calibrate import Calibrate, CalibrateConfig
+
+    from onnxopt.model_io import from_proto, load_model, save_model, to_proto
+
+    c = 16  # weights above the 1 KB external-data threshold, biases below it (embedded)
+    inits = {"w1": RNG.standard_normal((c, c, 3, 3)) * 0.3, "b1": RNG.standard_normal(c),
+             "w2": RNG.standard_normal((2 * c, c, 1, 1)), "fc": RNG.standard_normal((64, 2 * c)),
+             "fcb": RNG.standard_normal(64)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="c1"),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="c2"),
+        helper.make_node("GlobalAveragePool", ["c2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flat"),
+        helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"], transB=1, name="fc"),
+    ]
+    model = make_model(nodes, [("x", ["N", c, 8, 8])], ["logits"], inits)
+    save_model(from_proto(model), tmp_path / "m.onnx", external_data=True, external_threshold=0)
+    feeds = x_feed((c, 8, 8), n=8)
+
+    def pipeline(m, cache_dir):
+        ctx = PassContext(calibration=from_arrays(feeds, model), cache_dir=cache_dir)
+        return PassManager([Calibrate(CalibrateConfig(observer="minmax"), ctx),
+                            QuantizeQDQ(QuantizeQDQConfig(scheme="u8s8-rr", bias_correction="on",
+                                                          weight_type=weight_type, exclude_nodes=["c2"]), ctx)]).run(m)
+
+    loads, mapped, peak = Counter(), set(), [0]
+    real_load, real_release = ir.ExternalTensor._load, ir.ExternalTensor.release
+
+    def load(self):
+        loads[self.name] += 1
+        mapped.add(self.name)
+        peak[0] = max(peak[0], len(mapped))
+        return real_load(self)
+
+    def release(self):
+        mapped.discard(self.name)
+        return real_release(self)
+
+    monkeypatch.setattr(ir.ExternalTensor, "_load", load)
+    monkeypatch.setattr(ir.ExternalTensor, "release", release)
+    lazy = load_model(tmp_path / "m.onnx")
+    external = {k for k, v in lazy.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
+    assert external == {"w1", "w2", "fc"}
+    out = pipeline(lazy, tmp_path / "cache").model
+    # once for the calibration cache key (the model's content), once when quantized; c2 stays float: its weight
+    # is never read by quantize-qdq and stays in the data file
+    assert dict(loads) == {"w1": 2, "fc": 2, "w2": 1} and peak[0] == 1 and not mapped
+    assert isinstance(out.graph.initializers["w2"].const_value, ir.ExternalTensor)
+    monkeypatch.undo()
+    want = pipeline(model, tmp_path / "cache2").model
+    got = to_proto(ir.external_data.load_to_model(out))
+    assert got.opset_import[0].version == (21 if weight_type == "int4" else 17)
+    assert [(n.op_type, list(n.input), list(n.output)) for n in got.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in want.graph.node]
+    assert [t.name for t in got.graph.initializer] == [t.name for t in want.graph.initializer]
+    for t in want.graph.initializer:
+        np.testing.assert_array_equal(init(got, t.name), numpy_helper.to_array(t))
+
+
 # --- the real model (skipped without ../shared/models) ------------------------------------------------
 LITE0 = __import__("pathlib").Path(__file__).resolve().parents[2] / ".." / "shared" / "models" / "imagenet"
 
