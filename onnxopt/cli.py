@@ -93,6 +93,26 @@ _gate_options = [
 ]
 
 
+def _dims(ctx, param, value: str | None) -> dict[str, int] | None:
+    """``--dims height=416,width=416`` -> {"height": 416, "width": 416}."""
+    if not value:
+        return None
+    out = {}
+    for part in value.split(","):
+        name, sep, size = part.partition("=")
+        if not sep or not name.strip() or not size.strip().isdigit() or int(size) < 1:
+            raise click.BadParameter(f"{part!r}: write NAME=SIZE with SIZE a positive whole number, e.g. height=416")
+        out[name.strip()] = int(size)
+    return out
+
+
+def data_options(f):
+    f = click.option("--dims", callback=_dims,
+                     help="Sizes of symbolic dims for random:N data, e.g. height=416,width=416.")(f)
+    return click.option("--data-layout", type=click.Choice(["stacked", "feeds"]),
+                        help="stacked: samples on axis 0 (default); feeds: each .npz is one complete feed.")(f)
+
+
 def gate_options(f):
     for opt in reversed(_gate_options):
         f = opt(f)
@@ -130,10 +150,11 @@ def main():
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails.")
 @click.option("--strict", is_flag=True, default=None,
               help="Full ONNX checker and shape inference after every pass (default: at load and before saving).")
+@data_options
 @gate_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress or tables, only errors.")
 def optimize(model, output, recipe, calib, val, labels, calib_labels, workers, localize, report_dir, batch_size, force,
-             keep_failed, strict, quiet, **kw):
+             keep_failed, strict, data_layout, dims, quiet, **kw):
     """Run a recipe's passes on MODEL, then the validation gate when --val is given."""
     from onnxopt.optimize import optimize as run
     from onnxopt.report import gate_table, summary_table
@@ -141,7 +162,7 @@ def optimize(model, output, recipe, calib, val, labels, calib_labels, workers, l
     result = run(model, output, recipe=recipe, calib=calib, val=val, labels=labels, report_dir=report_dir,
                  gate=_gate(kw), force=force, keep_failed=keep_failed, batch_size=batch_size,
                  progress=_progress(quiet), command=_command_line(), calib_labels=calib_labels, workers=workers,
-                 localize=localize, strict=strict or None)
+                 localize=localize, strict=strict or None, data_layout=data_layout, dims=dims)
     if not quiet:
         click.echo(summary_table(result.before, result.after, result.pipeline))
         if result.validation is not None:
@@ -172,16 +193,19 @@ def _failed(report) -> str:
               help="ONNX Runtime graph-optimization level for both models.")
 @click.option("--localize/--no-localize", default=None,
               help="Per-layer error table (default: only when the gate fails).")
+@data_options
 @gate_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress or tables, only the verdict.")
-def validate(reference, candidate, data, labels, recipe, report_dir, batch_size, opt_level, localize, quiet, **kw):
+def validate(reference, candidate, data, labels, recipe, report_dir, batch_size, opt_level, localize, data_layout,
+             dims, quiet, **kw):
     """Run REFERENCE and CANDIDATE in ONNX Runtime on the same inputs and apply the gate."""
     from onnxopt.optimize import validate_files
     from onnxopt.report import gate_table
 
     report = validate_files(reference, candidate, data, labels=labels, recipe=recipe, gate=_gate(kw),
                             report_dir=report_dir, batch_size=batch_size, opt_level=opt_level,
-                            progress=_progress(quiet), command=_command_line(), localize=localize)
+                            progress=_progress(quiet), command=_command_line(), localize=localize,
+                            data_layout=data_layout, dims=dims)
     if not quiet:
         click.echo(gate_table(report))
         if report_dir:

@@ -774,7 +774,7 @@ def _feed_files(p: Path, model, spec: DataConfig) -> FeedSource:
     def loader(f: Path):
         return lambda: reader._read(f)
 
-    base = p.name if p.is_file() else f"{p.name}/ ({len(files)} feeds)"
+    base = p.name if p.is_file() else f"{p.name}/"
     return FeedSource([(f.name, loader(f)) for f in files], model, base, max_samples=spec.max_samples)
 
 

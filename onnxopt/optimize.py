@@ -17,7 +17,7 @@ from onnxopt.inspect import ModelSummary, summarize
 from onnxopt.model_io import has_external_data, load_model, stage_model
 from onnxopt.pass_infra import PassContext, PassManager, PipelineResult
 from onnxopt.progress import SILENT, Progress
-from onnxopt.recipe import GateConfig, Recipe, load_recipe
+from onnxopt.recipe import DataConfig, GateConfig, Recipe, load_recipe
 
 
 @dataclass
@@ -42,6 +42,21 @@ def _recipe(recipe: Recipe | str | Path | None) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     return load_recipe(recipe)
+
+
+def merge_data(data: DataConfig, layout: str | None = None, dims: dict[str, int] | None = None) -> DataConfig:
+    """The recipe's data section with what the command line says (layout, symbolic dim sizes) on top."""
+    update: dict = {}
+    if layout is not None:
+        update["layout"] = layout
+    if dims:
+        update["dims"] = {**data.dims, **dims}
+    if not update:
+        return data
+    try:
+        return DataConfig.model_validate({**data.model_dump(), **update})
+    except ValueError as exc:
+        raise OnnxoptError(f"data options: {str(exc).splitlines()[-1].strip()}") from None
 
 
 def merge_gate(gate: GateConfig, overrides: dict | None) -> GateConfig:
@@ -90,6 +105,8 @@ def optimize(
     workers: int = 1,
     localize: bool | None = None,
     strict: bool | None = None,
+    data_layout: str | None = None,
+    dims: dict[str, int] | None = None,
 ) -> OptimizeResult:
     """Run ``recipe`` on the model at ``model_path``; validate on ``val`` if given; save to ``output``.
 
@@ -97,6 +114,8 @@ def optimize(
     gate runs ONNX Runtime on exactly the bytes that will be delivered; it is renamed into place only when
     the gate passes (or ``keep_failed``), so a later pipeline step cannot pick up a rejected model.
     Reports are written either way. ``strict``: the full checker and shape inference after every pass.
+    ``data_layout`` ("stacked" or "feeds") and ``dims`` (symbolic dim sizes for ``random:N`` data) override
+    the recipe's data section.
     """
     from onnxopt.data import load_labels, open_data
 
@@ -110,16 +129,17 @@ def optimize(
         raise OnnxoptError("--labels needs --val (the labels belong to the validation data)")
     if calib_labels is not None and calib is None:
         raise OnnxoptError("--calib-labels needs --calib (the labels belong to the calibration data)")
+    data_cfg = merge_data(rec.data, data_layout, dims)
     model = load_model(model_path)
     before = summarize(model, model_path)
     # The output keeps the input's layout: weights in external data stay in external data.
     external = True if has_external_data(model) else None
     context = PassContext(progress=progress, workers=workers)
     if calib is not None:
-        context.calibration = open_data(calib, model, rec.data)
+        context.calibration = open_data(calib, model, data_cfg)
         if calib_labels is not None:
             context.calibration_labels = load_labels(calib_labels, context.calibration)
-    val_data = open_data(val, model, rec.data) if val is not None else None
+    val_data = open_data(val, model, data_cfg) if val is not None else None
     val_labels = load_labels(labels, val_data) if labels is not None else None
     context.validation = val_data
     context.labels = val_labels
@@ -151,7 +171,7 @@ def optimize(
                 val_data,
                 labels=val_labels,
                 gate=merge_gate(rec.gate, gate),
-                batch_size=batch_size or rec.data.batch_size,
+                batch_size=batch_size or data_cfg.batch_size,
                 progress=progress,
             )
             _maybe_localize(result.validation, model_path, candidate, val_data, localize, progress)
@@ -191,6 +211,8 @@ def validate_files(
     progress: Progress | None = None,
     command: str | None = None,
     localize: bool | None = None,
+    data_layout: str | None = None,
+    dims: dict[str, int] | None = None,
 ):
     """Compare ``candidate`` with ``reference`` on ``data``; returns a ValidationReport."""
     from onnxopt.data import load_labels, open_data
@@ -200,7 +222,8 @@ def validate_files(
     _check_report_dir(report_dir)
     ref = load_model(reference)
     cand = load_model(candidate)
-    source = open_data(data, ref, rec.data)
+    data_cfg = merge_data(rec.data, data_layout, dims)
+    source = open_data(data, ref, data_cfg)
     before, after = summarize(ref, reference), summarize(cand, candidate)
     reference, candidate = Path(reference), Path(candidate)  # ORT reads the checked files themselves
     lab = load_labels(labels, source) if labels is not None else None
@@ -211,7 +234,7 @@ def validate_files(
         source,
         labels=lab,
         gate=merge_gate(rec.gate, gate),
-        batch_size=batch_size or rec.data.batch_size,
+        batch_size=batch_size or data_cfg.batch_size,
         progress=progress or SILENT,
         **kwargs,
     )

@@ -321,7 +321,7 @@ def validate(reference: ModelRef, candidate: ModelRef, data: DataSource, *,
     cand_limits = [s.static_batch for m in (ref_ir, cand_ir) for s in model_inputs(m) if s.static_batch]
     if cand_limits:
         bs = min(bs, min(cand_limits))
-    if bs != batch_size:
+    if bs != batch_size and not feeds:
         notes.append(f"batch size {batch_size} clamped to {bs} (the model's static batch dim)")
 
     ref_sess = make_session(reference, opt_level=opt_level, threads=threads, what="reference")
