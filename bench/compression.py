@@ -47,7 +47,6 @@ from common import (  # noqa: E402
 
 from onnxopt import compression  # noqa: E402
 from onnxopt.data import from_arrays  # noqa: E402
-from onnxopt.model_io import load_model  # noqa: E402
 from onnxopt.optimize import optimize  # noqa: E402
 from onnxopt.pass_infra import PassContext, PassManager  # noqa: E402
 from onnxopt.recipe import load_preset, parse_recipe  # noqa: E402
@@ -160,7 +159,7 @@ def mnist_section(work: Path, quick: bool) -> str:
             paths[label] = src
             continue
         if label == "fp16 weights" and recipe is None:
-            onnx.save(fp16_weights_fallback(load_model(src)), out)
+            onnx.save(fp16_weights_fallback(onnx.load(str(src))), out)
             notes.append("fp16 row: the `fp16` pass is not installed; fp16 weight storage with Casts (bench-local)")
         else:
             use_calib = None if "magnitude" in label else calib
@@ -209,7 +208,7 @@ def lite0_section(work: Path, quick: bool, structured: bool = True) -> str:
     x, y = imagenet_val(n_val)
     n_calib = 32 if quick else 200
     calib_npz = imagenet_calib_npz(work / f"lite0_calib_{n_calib}.npz", n=n_calib)
-    model = load_model(src)
+    model = onnx.load(str(src))  # a protobuf in, protobufs out (the sessions below take them)
     clean = PassManager(parse_recipe({"passes": CLEANUP + TAIL}).build_passes()).run(model).model
     calib_x = np.load(calib_npz)["input"]
     ref_sess = session(clean)

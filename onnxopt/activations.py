@@ -106,6 +106,56 @@ def constant_values(graph: ir.Graph) -> set[str]:
     return const
 
 
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+# ops a masked score passes through on its way to the Softmax (Where: masked_fill written as Where)
+_MASK_PATH_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Max", "Min", "Cast", "Reshape", "Transpose",
+                            "Unsqueeze", "Squeeze", "Expand", "Identity"})
+
+
+def attention_masks(model: ir.Model | onnx.ModelProto) -> set[str]:
+    """Values that are additive attention masks or scores with such a mask applied: they hold -inf (or -1e4,
+    or the float minimum) where a position is masked, so no clip range describes them and quantizing them
+    would let masked positions into the Softmax. Calibration skips them; QDQ insertion leaves them float.
+
+    A mask is a float value computed without reading any float activation other than through Shape/Size
+    (from integer inputs such as ``attention_mask``, from shapes, e.g. a causal mask, and constants), that an
+    Add/Sub/Where combines with a data value on a path of elementwise and layout ops ending in a Softmax. The
+    returned names are the masks and the values on that path (the Softmax output is an ordinary activation).
+    """
+    model = as_ir(model)
+    g = model.graph
+    types = value_types(model)
+    const = constant_values(g)
+    data: set[str] = {i.name for i in g.inputs if types.get(i.name) in FLOAT_TYPES}
+    for n in g:
+        if n.op_type not in _SHAPE_OPS and any(x is not None and x.name in data for x in n.inputs):
+            data.update(o.name for o in n.outputs if o.name)
+    def is_mask(v) -> bool:
+        return (v is not None and v.name not in data and v.name not in const
+                and types.get(v.name) in FLOAT_TYPES)
+
+    out: set[str] = set()
+    for n in g:
+        if n.op_type not in ("Add", "Sub", "Where"):
+            continue
+        masks = [x for x in n.inputs if is_mask(x)]
+        if not masks or not any(x is not None and x.name in data for x in n.inputs):
+            continue
+        path, frontier, reaches = [], [n], False
+        while frontier and not reaches and len(path) < 16:
+            node = frontier.pop()
+            path.extend(o.name for o in node.outputs if o.name)
+            for use in {id(u): u for o in node.outputs for u, _ in o.uses()}.values():
+                if use.op_type == "Softmax":
+                    reaches = True
+                elif use.op_type in _MASK_PATH_OPS:
+                    frontier.append(use)
+        if reaches:
+            out.update(x.name for x in masks)
+            out.update(path)
+    return out
+
+
 def select_tensors(model: ir.Model | onnx.ModelProto, names: list[str] | None = None,
                    what: str = "calibrate") -> list[str]:
     """Activations to observe, in graph order: the float graph inputs and float node outputs that are not
@@ -141,9 +191,11 @@ def select_tensors(model: ir.Model | onnx.ModelProto, names: list[str] | None = 
 
 
 def activation_session(model: ir.Model | onnx.ModelProto, names: Iterable[str], *, opt_level: str = "basic",
-                       threads: int | None = None, what: str = "model", prune: bool = False):
+                       threads: int | None = None, what: str = "model", prune: bool = False,
+                       keep_outputs: bool = True):
     """An ONNX Runtime session of ``model`` with ``names`` exposed as outputs (see ``exposed``)."""
-    return make_session(exposed(model, names, prune=prune), opt_level=opt_level, threads=threads, what=what)
+    return make_session(exposed(model, names, prune=prune, keep_outputs=keep_outputs), opt_level=opt_level,
+                        threads=threads, what=what)
 
 
 def limited_batches(source, batch_size: int, max_samples: int | None) -> Iterator[dict[str, np.ndarray]]:
@@ -163,13 +215,16 @@ def limited_batches(source, batch_size: int, max_samples: int | None) -> Iterato
 
 def stream_activations(model: ir.Model | onnx.ModelProto, source, names: list[str], *, batch_size: int,
                        max_samples: int | None = None, opt_level: str = "basic", what: str = "model",
-                       prune: bool = False) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+                       prune: bool = False, keep_outputs: bool = True,
+                       ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Run ``model`` over ``source`` and yield (batch, {name: value}) per batch; graph inputs among ``names``
-    come from the batch itself. Nothing is kept between batches."""
+    come from the batch itself. Nothing is kept between batches. ``prune``/``keep_outputs``: see ``exposed``
+    (both together run only the prefix of the model that ``names`` need)."""
     model = as_ir(model)
     graph_inputs = {i.name for i in model.graph.inputs}
     fetch = [n for n in dict.fromkeys(names) if n not in graph_inputs]
-    session = activation_session(model, fetch, opt_level=opt_level, what=what, prune=prune) if fetch else None
+    session = (activation_session(model, fetch, opt_level=opt_level, what=what, prune=prune,
+                                  keep_outputs=keep_outputs) if fetch else None)
     feed_names = {i.name for i in session.get_inputs()} if session is not None else set()
     done = 0
     for batch in limited_batches(source, batch_size, max_samples):

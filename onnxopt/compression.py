@@ -26,13 +26,16 @@ import lzma
 import math
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import numpy_helper
+
+from onnxopt.graph import attr, clone_model, constant_value, is_op, release
+from onnxopt.model_io import external_files, from_proto, read_model_proto, to_proto
 
 INDEX_BITS = 8  # Deep Compression: 8 bits of relative index for conv layers (5 for fc); one width for all here
 MIN_ELEMENTS = 256  # tensors smaller than this are counted raw (biases, scales, shapes)
@@ -138,72 +141,241 @@ def tensor_size(name: str, array: np.ndarray, zero_point: np.ndarray | int = 0,
                       int(math.ceil(best / 8)), round(ent, 1), "dense" if dense <= sparse else "sparse")
 
 
-def _zero_points(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def _zero_points(graph: ir.Graph) -> dict[str, np.ndarray]:
     """{quantized initializer: its zero point shaped to broadcast} from the DequantizeLinear nodes reading it."""
-    inits = {t.name: t for t in model.graph.initializer}
     out: dict[str, np.ndarray] = {}
-    for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+    for node in graph:
+        q = node.inputs[0] if is_op(node, "DequantizeLinear") and node.inputs else None
+        if q is None or not q.is_initializer() or q.const_value is None:
             continue
-        q = inits[node.input[0]]
-        has_zp = len(node.input) > 2 and node.input[2] in inits
-        zp = numpy_helper.to_array(inits[node.input[2]]) if has_zp else None
+        zp = constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
         if zp is None:
             continue
         if zp.ndim == 1 and zp.size > 1:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            shape = [1] * len(q.dims)
-            shape[axis % len(q.dims)] = zp.size
+            rank = len(q.const_value.shape)
+            shape = [1] * rank
+            shape[attr(node, "axis", 1) % rank] = zp.size
             zp = zp.reshape(shape)
-        out[node.input[0]] = zp
+        out[q.name] = zp
     return out
 
 
-def _compressed(data: bytes, zstd: bool, use_lzma: bool) -> dict[str, int]:
-    out = {"zlib_bytes": len(zlib.compress(data, 9))}
-    if use_lzma:
-        out["lzma_bytes"] = len(lzma.compress(data, preset=9))
-    if zstd:
-        try:
-            import zstandard
-        except ImportError:
-            pass
+class _Compressors:
+    """zlib (level 9), lzma and zstd sizes of a byte stream fed in pieces (the same bytes as one-shot)."""
+
+    def __init__(self, total: int, zstd: bool, use_lzma: bool):
+        self.sizes = {"zlib_bytes": 0}
+        self._objs: dict[str, object] = {"zlib_bytes": zlib.compressobj(9)}
+        if use_lzma:
+            self.sizes["lzma_bytes"] = 0
+            self._objs["lzma_bytes"] = lzma.LZMACompressor(preset=9)
+        if zstd:
+            try:
+                import zstandard
+            except ImportError:
+                pass
+            else:  # the pledged size gives the parameters and header of the one-shot call
+                self.sizes["zstd_bytes"] = 0
+                self._objs["zstd_bytes"] = zstandard.ZstdCompressor(level=19).compressobj(size=total)
+        self.fed = 0
+
+    def feed(self, data: bytes) -> None:
+        self.fed += len(data)
+        for key, obj in self._objs.items():
+            self.sizes[key] += len(obj.compress(data))
+
+    def result(self) -> dict[str, int]:
+        for key, obj in self._objs.items():
+            self.sizes[key] += len(obj.flush())
+        return dict(self.sizes)
+
+
+def _fields(message, keep) -> bytes:
+    """The serialization of ``message``'s fields whose number passes ``keep`` (fields are written in number
+    order, so the pieces of a message concatenate to the whole)."""
+    part = type(message)()
+    for fd, value in message.ListFields():
+        if not keep(fd.number):
+            continue
+        if fd.is_repeated:
+            getattr(part, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(part, fd.name).CopyFrom(value)
         else:
-            out["zstd_bytes"] = len(zstandard.ZstdCompressor(level=19).compress(data))
-    return out
+            setattr(part, fd.name, value)
+    return part.SerializeToString(deterministic=True)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+def _model_pieces(skeleton: onnx.ModelProto, sizes: list[int], tensors) -> tuple[int, Iterator[bytes]]:
+    """(size, pieces) of the serialized model: ``skeleton`` (a ModelProto whose graph has no initializers) with
+    the initializers that ``tensors`` yields (serialized, ``sizes[i]`` bytes each) in place, one at a time."""
+    graph = skeleton.graph
+    head = _fields(graph, lambda n: n < _GRAPH_INITIALIZER)
+    tail = _fields(graph, lambda n: n > _GRAPH_INITIALIZER)
+    tag = _varint(_GRAPH_INITIALIZER << 3 | 2)
+    length = len(head) + len(tail) + sum(len(tag) + len(_varint(n)) + n for n in sizes)
+    before = _fields(skeleton, lambda n: n < _MODEL_GRAPH)
+    after = _fields(skeleton, lambda n: n > _MODEL_GRAPH)
+    graph_tag = _varint(_MODEL_GRAPH << 3 | 2) + _varint(length) if skeleton.HasField("graph") else b""
+    total = len(before) + len(graph_tag) + (length if graph_tag else 0) + len(after)
+
+    def pieces() -> Iterator[bytes]:
+        yield before
+        if graph_tag:
+            yield graph_tag
+            yield head
+            for data in tensors:
+                yield tag + _varint(len(data)) + data
+            yield tail
+        yield after
+
+    return total, pieces()
+
+
+def _embedded(value: ir.Value) -> bytes:
+    """An initializer serialized as a protobuf file would hold it (external data read in)."""
+    tensor = value.const_value
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor = ir.Tensor(tensor.numpy(), name=value.name, dtype=tensor.dtype)
+    tensor.name = value.name
+    return ir.serde.serialize_tensor(tensor).SerializeToString(deterministic=True)
+
+
+def _embedded_once(value: ir.Value) -> bytes:
+    data = _embedded(value)
+    release(value)
+    return data
+
+
+def _ir_skeleton(model: ir.Model) -> onnx.ModelProto:
+    """What ``to_proto`` writes for the model, without the main graph's initializers (they are added one at a
+    time, in the graph's order); nothing is read but the bodies' (small) initializers."""
+    light = clone_model(model)
+    for value in light.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:  # a stand-in of the same name, type and shape; its data is never read
+            value.const_value = ir.ExternalTensor("size-report", offset=None, length=None, dtype=tensor.dtype,
+                                                  shape=ir.Shape(tensor.shape), name=value.name, base_dir="")
+    for graph in light.graphs():
+        if graph is light.graph:
+            continue
+        for value in graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name,
+                                              dtype=value.const_value.dtype)
+    skeleton = to_proto(light)
+    del skeleton.graph.initializer[:]
+    return skeleton
+
+
+def _stream_file(path: Path, sink: _Compressors) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sink.feed(chunk)
 
 
 def size_report(model: ir.Model | onnx.ModelProto | str | Path, *, use_lzma: bool = True, zstd: bool = True,
                 min_elements: int = MIN_ELEMENTS, index_bits: int = INDEX_BITS) -> dict:
-    """Sizes of ``model`` (a proto or a file): bytes, compressed bytes, and the entropy-coded measure.
+    """Sizes of ``model`` (the IR, a proto or a file): bytes, compressed bytes, and the entropy-coded measure.
 
     Returns {"bytes", "zlib_bytes", "lzma_bytes", ["zstd_bytes"], "weights_raw_bytes", "weights_coded_bytes",
     "total_coded_bytes", "tensors": [TensorSize as dict, largest first]}. Tensors with fewer than
     ``min_elements`` values and non-float, non-8-bit tensors are counted raw in the total.
-    """
-    if isinstance(model, str | Path):
-        data = Path(model).read_bytes()
-        model = onnx.ModelProto.FromString(data)
-    else:
-        if isinstance(model, ir.Model):  # what the file would hold: the protobuf, weights embedded
-            from onnxopt.graph import clone_model
-            from onnxopt.model_io import external_files, to_proto
 
-            model = to_proto(ir.external_data.load_to_model(clone_model(model)) if external_files(model) else model)
-        data = model.SerializeToString(deterministic=True)
-    zps = _zero_points(model)
+    A model in memory is measured as the single protobuf file it would be written as (weights embedded); a
+    file as it is on disk (with its external data files, if any). Weights are read one at a time, and the
+    bytes reach the compressors in pieces: the model is never serialized as a whole.
+    """
+    path = None
+    if isinstance(model, str | Path):
+        path = Path(model)
+        proto = read_model_proto(path, check=False)
+        ir_model = from_proto(proto, base_dir=path.parent)
+    elif isinstance(model, onnx.ModelProto):
+        proto, ir_model = model, from_proto(model)
+    else:
+        proto, ir_model = None, model
+    graph = ir_model.graph
+    zps = _zero_points(graph)
     tensors: list[TensorSize] = []
-    for t in model.graph.initializer:
-        a = numpy_helper.to_array(t)
-        coded = (a.dtype.kind == "f" or (a.dtype.kind in "iu" and a.dtype.itemsize == 1)) and a.size >= min_elements
+    sizes: list[int] = []
+    values = [v for v in graph.initializers.values() if v.const_value is not None]
+    for value in values:
+        tensor = value.const_value
+        try:
+            dtype = tensor.dtype.numpy()
+        except Exception:  # noqa: BLE001 - a type numpy cannot hold is counted raw
+            dtype = None
+        coded = (dtype is not None and (dtype.kind == "f" or (dtype.kind in "iu" and dtype.itemsize == 1))
+                 and int(tensor.size) >= min_elements)
         if coded:
-            tensors.append(tensor_size(t.name, a, zps.get(t.name, 0), index_bits))
+            tensors.append(tensor_size(value.name, tensor.numpy(), zps.get(value.name, 0), index_bits))
+        if proto is None:
+            sizes.append(len(_embedded(value)))
+        release(value)
+    if path is not None:  # the file as it is, then the data files its weights live in
+        files = [path, *sorted(external_files(ir_model))]
+        sink = _Compressors(sum(f.stat().st_size for f in files), zstd, use_lzma)
+        for f in files:
+            _stream_file(f, sink)
+    else:
+        if proto is not None:
+            skeleton = _without_initializers(proto)
+            sizes = [t.ByteSize() for t in proto.graph.initializer]
+            pieces = (t.SerializeToString(deterministic=True) for t in proto.graph.initializer)
+        else:
+            skeleton = _ir_skeleton(ir_model)
+            pieces = (_embedded_once(v) for v in values)
+        total, stream = _model_pieces(skeleton, sizes, pieces)
+        sink = _Compressors(total, zstd, use_lzma)
+        for piece in stream:
+            sink.feed(piece)
+    data_bytes = sink.fed
     raw = sum(s.raw_bytes for s in tensors)
     coded = sum(s.coded_bytes for s in tensors)
-    out = {"bytes": len(data), **_compressed(data, zstd, use_lzma), "weights_raw_bytes": raw,
-           "weights_coded_bytes": coded, "total_coded_bytes": len(data) - raw + coded}
+    out = {"bytes": data_bytes, **sink.result(), "weights_raw_bytes": raw,
+           "weights_coded_bytes": coded, "total_coded_bytes": data_bytes - raw + coded}
     out["tensors"] = [dict(asdict(s), sparsity=round(s.sparsity, 4))
                       for s in sorted(tensors, key=lambda s: (-s.raw_bytes, s.name))]
+    return out
+
+
+def _without_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` whose graph has no initializers (the rest of the graph copied, not the weights)."""
+    out = onnx.ModelProto()
+    for fd, value in proto.ListFields():
+        if fd.name == "graph":
+            continue
+        if fd.is_repeated:
+            getattr(out, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(out, fd.name).CopyFrom(value)
+        else:
+            setattr(out, fd.name, value)
+    if proto.HasField("graph"):
+        out.graph.SetInParent()
+        for fd, value in proto.graph.ListFields():
+            if fd.name == "initializer":
+                continue
+            if fd.is_repeated:
+                getattr(out.graph, fd.name).extend(value)
+            elif fd.message_type is not None:
+                getattr(out.graph, fd.name).CopyFrom(value)
+            else:
+                setattr(out.graph, fd.name, value)
     return out
 
 

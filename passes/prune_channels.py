@@ -55,6 +55,7 @@ from onnxopt.errors import PreconditionError
 from onnxopt.graph import (
     Namer,
     clone_model,
+    constant_tensor,
     constant_value,
     drop_unused_initializers,
     initializer_bytes,
@@ -125,6 +126,37 @@ class _Index:
 
     def constant(self, name: str) -> np.ndarray | None:
         return constant_value(self.values.get(name)) if name else None
+
+    def meta(self, name: str) -> _Meta | None:
+        """A constant's shape and dtype, its values unread (None where ``constant`` gives None)."""
+        tensor = constant_tensor(self.values.get(name)) if name else None
+        if tensor is None:
+            return None
+        try:
+            dtype = tensor.dtype.numpy()
+        except Exception:  # noqa: BLE001 - a dtype numpy cannot hold: not a constant the analysis uses
+            return None
+        return _Meta(tuple(int(d) for d in tensor.shape), dtype, tensor)
+
+    def release(self, name: str) -> None:
+        """Let go of a mapped weight this pass read and keeps."""
+        try:
+            irg.release(self.values.get(name))
+        except BufferError:  # still viewed somewhere: the mapping closes with that view
+            pass
+
+
+@dataclass(frozen=True)
+class _Meta:
+    """A constant weight as the channel analysis sees it before reading it: shape, dtype and its tensor."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    tensor: ir.TensorProtocol
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
     def uses(self, name: str) -> list[_V]:
         v = self.values.get(name)
@@ -232,8 +264,49 @@ class Sink:
     node: _V
     value: str  # the input that loses channels
     kind: str  # conv1x1, conv, gemm, matmul
-    wm: np.ndarray  # effective weights as [outputs, input features]
+    tensor: ir.TensorProtocol  # the original model's weight (rewrites assign new tensors: this one stays)
     bias: np.ndarray | None = None  # effective bias [outputs] of the original model
+    trans_b: bool = False  # gemm
+    alpha: float = 1.0  # gemm
+    _columns: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def wm(self) -> np.ndarray:
+        """Effective weights as [outputs, input features(, kernel positions)], read from the weight when asked."""
+        w = self.tensor.numpy()
+        if self.kind in ("conv1x1", "conv"):
+            wm = w.reshape(w.shape[0], w.shape[1], -1)
+            return wm[:, :, 0] if self.kind == "conv1x1" else wm
+        if self.kind == "gemm":
+            return (w if self.trans_b else w.T) * self.alpha
+        return w.T
+
+    @property
+    def inputs(self) -> int:
+        shape = tuple(self.tensor.shape)
+        if self.kind == "gemm":
+            return int(shape[1] if self.trans_b else shape[0])
+        return int(shape[0] if self.kind == "matmul" else shape[1])
+
+    def wm64(self) -> np.ndarray:
+        """``wm`` as a float64 copy (the weight released)."""
+        out = self.wm.astype(np.float64)
+        self.release()
+        return out
+
+    def columns(self, key, fn) -> np.ndarray:
+        """``fn(wm)`` (a vector over the inputs), computed once; the weight is released afterwards."""
+        if key not in self._columns:
+            self._columns[key] = fn(self.wm)
+            self.release()
+        return self._columns[key]
+
+    def release(self) -> None:
+        if isinstance(self.tensor, ir.ExternalTensor):
+            try:
+                self.tensor.release()
+            except BufferError:  # the rewrite still views it: the mapping closes with that view
+                pass
 
 
 def label(node: _V) -> str:
@@ -395,7 +468,7 @@ class PruneChannels(Pass):
                 v.shape = None
         if pair_refit:
             targets = [s for s in sinks if s.kind in ("conv1x1", "gemm") and mask_of(s.value) is not None
-                       and s.wm.shape[1] <= cfg.max_refit_dim]
+                       and s.inputs <= cfg.max_refit_dim]
             for _ in range(cfg.refit_rounds):
                 refits = self._pair_refit(original, model, index, targets, mask_of)
         drop_unused_initializers(g)
@@ -447,7 +520,7 @@ class PruneChannels(Pass):
                 tr.block(f, f"read by {op} {label(node)}")
             return
         out = node.output[0] if node.output else ""
-        w = index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        w = index.meta(node.input[1]) if len(node.input) > 1 and node.input[1] else None  # values not read
         x = node.input[0] if node.input else ""
         fx = flows.get(x)
         # extra inputs (weights, shapes, bounds) that carry channels cannot be followed
@@ -467,9 +540,8 @@ class PruneChannels(Pass):
             if fx is not None:
                 if fx.axis == 1 and all(b == 1 for _, b in fx.segments):
                     k1 = all(d == 1 for d in w.shape[2:])
-                    wm = w.reshape(w.shape[0], w.shape[1], -1)
                     b = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-                    sinks.append(Sink(node, x, "conv1x1" if k1 else "conv", wm[:, :, 0] if k1 else wm,
+                    sinks.append(Sink(node, x, "conv1x1" if k1 else "conv", w.tensor,
                                       None if b is None else b.astype(np.float64)))
                 else:
                     tr.block(fx, f"Conv {label(node)} reads flattened channels")
@@ -481,13 +553,13 @@ class PruneChannels(Pass):
                 tr.block(fx, f"Gemm {label(node)} with transA")
             elif fx is not None:
                 if fx.axis == 1:
-                    wm = (w if tb else w.T) * attr(node, "alpha", 1.0)
+                    outputs = w.shape[0] if tb else w.shape[1]
                     c = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
                     bias = None
-                    if c is not None and c.size in (1, wm.shape[0]):
+                    if c is not None and c.size in (1, outputs):
                         bias = np.broadcast_to(c.astype(np.float64).ravel() * attr(node, "beta", 1.0),
-                                               (wm.shape[0],)).copy()
-                    sinks.append(Sink(node, x, "gemm", wm, bias))
+                                               (outputs,)).copy()
+                    sinks.append(Sink(node, x, "gemm", w.tensor, bias, bool(tb), attr(node, "alpha", 1.0)))
                 else:
                     tr.block(fx, f"Gemm {label(node)} reads another axis")
             c = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -499,7 +571,7 @@ class PruneChannels(Pass):
             rank = len(shapes.get(x, [])) or (fx.rank if fx else 0)
             if fx is not None:
                 if rank and fx.axis == rank - 1:
-                    sinks.append(Sink(node, x, "matmul", w.T))
+                    sinks.append(Sink(node, x, "matmul", w.tensor))
                 else:
                     tr.block(fx, f"MatMul {label(node)} reads another axis")
             if rank >= 2:
@@ -687,10 +759,11 @@ class PruneChannels(Pass):
         if criterion == "output" and stats:
             for s in sinks:
                 f = flows[s.value]
-                if s.value not in stats:
+                if s.value not in stats or all(tr.find(gid) != root for gid, _ in f.segments):
                     continue
                 sq = stats[s.value]["sq"]
-                col = np.sum(np.square(s.wm), axis=tuple(i for i in range(s.wm.ndim) if i != 1))
+                col = s.columns("energy", lambda wm: np.sum(np.square(wm), axis=tuple(i for i in range(wm.ndim)
+                                                                                      if i != 1)))
                 energy = sq * col
                 pos = 0
                 for gid, b in f.segments:
@@ -704,6 +777,7 @@ class PruneChannels(Pass):
         for name in grp.sources:
             node, _ = sources[name]
             w = index.constant(node.input[1]).astype(np.float64)
+            index.release(node.input[1])
             if node.op_type == "Gemm":
                 w = w if attr(node, "transB", 0) else w.T
             elif node.op_type == "MatMul":
@@ -717,9 +791,10 @@ class PruneChannels(Pass):
         down = np.zeros(grp.size)
         for s in sinks:
             g = gains.get(s.value)
-            if g is None:
+            if g is None or all(tr.find(gid) != root for gid, _ in flows[s.value].segments):
                 continue
-            col = np.linalg.norm(np.moveaxis(s.wm, 1, 0).reshape(s.wm.shape[1], -1), ord=p, axis=1) * g
+            col = s.columns(("norm", p), lambda wm: np.linalg.norm(np.moveaxis(wm, 1, 0).reshape(wm.shape[1], -1),
+                                                                   ord=p, axis=1)) * g
             pos = 0
             for gid, b in flows[s.value].segments:
                 size = tr.groups[tr.find(gid)].size
@@ -743,7 +818,7 @@ class PruneChannels(Pass):
             op = node.op_type
             x = val.get(node.input[0]) if node.input else None
             if id(node) in source_ids:
-                w = index.constant(node.input[1])
+                w = index.meta(node.input[1])
                 v = np.ones(w.shape[0 if op == "Conv" or attr(node, "transB", 0) else 1])
             elif op in BINARY and all(i in val for i in node.input[:2]):
                 v = np.maximum(val[node.input[0]], val[node.input[1]])
@@ -840,12 +915,22 @@ class PruneChannels(Pass):
                         w = w[:, out_mask]
                     if new_b is not None and new_b.ndim >= 1 and new_b.shape[-1] == out_mask.size:
                         new_b = new_b[..., out_mask] if op != "Conv" else new_b[out_mask]
-                if w is not w0:
+                w_changed, dtype, had_b = w is not w0, w0.dtype, b is not None
+                b_changed = new_b is not None and (b is None or new_b.shape != b.shape or not np.array_equal(new_b, b))
+                # no view of a stored weight may outlive its replacement (a mapped one is let go when replaced)
+                del w0, b
+                if w_changed:
                     write(index, node, 1, np.ascontiguousarray(w))
-                if new_b is not None and (b is None or new_b.shape != b.shape or not np.array_equal(new_b, b)):
-                    write(index, node, b_pos, np.ascontiguousarray(new_b.astype(w.dtype)))
-                    if op == "Gemm" and b is None:
+                else:
+                    del w
+                    index.release(node.input[1])
+                if b_changed:
+                    write(index, node, b_pos, np.ascontiguousarray(new_b.astype(dtype)))
+                    if op == "Gemm" and not had_b:
                         set_attr(node, "beta", 1.0)
+                elif had_b:
+                    del new_b
+                    index.release(node.input[b_pos])
                 continue
             if op == "Conv" and attr(node, "group", 1) > 1 and in_mask is not None:
                 write(index, node, 1, index.constant(node.input[1])[in_mask])
@@ -863,11 +948,15 @@ class PruneChannels(Pass):
                         continue
                     ax = flow.axis - (flow.rank - c.ndim)
                     if ax >= 0 and c.shape[ax] == out_mask.size and out_mask.size > 1:
-                        write(index, node, pos, np.ascontiguousarray(np.compress(out_mask, c, axis=ax)))
+                        kept = np.ascontiguousarray(np.compress(out_mask, c, axis=ax))
+                        del c
+                        write(index, node, pos, kept)
             elif op == "Reshape" and node in reshapes and out_mask is not None:
                 shape = index.constant(node.input[1])
                 if shape[1] > 0:
-                    write(index, node, 1, np.array([shape[0], int(out_mask.sum())], dtype=shape.dtype))
+                    new_shape = np.array([shape[0], int(out_mask.sum())], dtype=shape.dtype)
+                    del shape
+                    write(index, node, 1, new_shape)
         return refits
 
     def _sink_weights(self, node, sink: Sink, w, b, in_mask, stats, refit, refits):
@@ -884,7 +973,7 @@ class PruneChannels(Pass):
         st = stats.get(sink.value) if stats else None
         if st is None or op == "MatMul":  # a MatMul has no bias to take the mean correction: sliced only
             return new_w, b
-        wm = sink.wm.astype(np.float64)  # [outputs, inputs(, kernel positions)]
+        wm = sink.wm64()  # [outputs, inputs(, kernel positions)]
         if wm.ndim == 3:
             wm = wm.sum(axis=2)  # a constant input channel meets the whole kernel (borders aside)
         k = in_mask
@@ -949,7 +1038,7 @@ class PruneChannels(Pass):
             if st is None or k is None:
                 continue
             n = st["n"]
-            wm = s.wm.astype(np.float64)
+            wm = s.wm64()
             mu, mt = st["sx"] / n, st["st"] / n
             gx = st["gx"] / n
             sx = gx - np.outer(mu, mu)
@@ -986,7 +1075,7 @@ class PruneChannels(Pass):
 
     def _write_sink(self, index, node, wk: np.ndarray, bias: np.ndarray) -> None:
         write = self._write
-        dtype = index.constant(node.input[1]).dtype
+        dtype = index.meta(node.input[1]).dtype
         if node.op_type == "Conv":
             write(index, node, 1, wk.reshape(wk.shape + (1, 1)).astype(dtype))
             write(index, node, 2, bias.astype(dtype))
@@ -1084,7 +1173,7 @@ class PruneChannels(Pass):
             x = val.get(node.input[0]) if node.input else None
             b = const_of(node.input[2]) if len(node.input) > 2 else None
             if id(node) in source_ids:
-                size = index.constant(node.input[1]).shape[0 if op == "Conv" or attr(node, "transB", 0) else 1]
+                size = index.meta(node.input[1]).shape[0 if op == "Conv" or attr(node, "transB", 0) else 1]
                 v = np.zeros(size)
                 if b is not None and op == "Conv":
                     v = b.astype(np.float64)

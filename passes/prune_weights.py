@@ -78,9 +78,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-from onnx import helper
 from pydantic import Field, PositiveInt, field_validator
 
 from onnxopt import compression
@@ -90,15 +88,20 @@ from onnxopt.errors import OnnxoptError, PreconditionError
 from onnxopt.graph import (
     Namer,
     add_initializer,
+    all_nodes,
     attr,
     clone_model,
+    constant_tensor,
     constant_value,
     is_initializer,
     make_node,
+    release,
     set_constant,
+    subgraphs,
+    values_by_name,
 )
-from onnxopt.layers import Geometry, constant_weight, fold_into_following_add, node_label
-from onnxopt.model_io import atomic_write, from_proto, to_proto
+from onnxopt.layers import Geometry, fold_into_following_add, node_label
+from onnxopt.model_io import atomic_write
 from onnxopt.pass_infra import Pass, PassConfig, PassResult
 from onnxopt.stat_correction import (
     ChannelCorrection,
@@ -108,6 +111,7 @@ from onnxopt.stat_correction import (
 )
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+FLOAT_TYPES = (ir.DataType.FLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)  # the dtypes layers.constant_weight takes
 NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -421,11 +425,32 @@ class _Layer:
     kind: str  # "conv", "gemm-t" (Gemm transB=1: [N, K]), "kn" (Gemm transB=0 / MatMul: [K, N])
     act: str
     rows: Any  # callable: activation -> [n, reduction] rows in the matrix's column order
+    shape: tuple[int, ...] = ()  # the weight's shape (known without reading it)
 
     @property
     def w(self) -> np.ndarray:
-        """The initializer as stored (read-only)."""
+        """The initializer as stored (read-only; read when first asked for)."""
         return constant_value(self.value)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.value.const_value.dtype.numpy()
+
+    @property
+    def reduction(self) -> int:
+        """Columns of ``matrix()``: the weights each output reads."""
+        if self.kind == "conv":
+            return math.prod(self.shape[1:])
+        return self.shape[1] if self.kind == "gemm-t" else self.shape[0]
+
+    @property
+    def channels(self) -> int:
+        """Input channels (``cube``'s middle axis: the axis N:M groups run along)."""
+        return self.shape[0] if self.kind == "kn" else self.shape[1]
 
     def matrix(self) -> np.ndarray:
         """[outputs, reduction] float64, reduction in p-major order for convs (kernel offset, then channel)
@@ -438,8 +463,8 @@ class _Layer:
 
     def from_matrix(self, m: np.ndarray) -> np.ndarray:
         if self.kind == "conv":
-            c_out, c_in = self.w.shape[:2]
-            return np.moveaxis(m.reshape(c_out, -1, c_in), 2, 1).reshape(self.w.shape)
+            c_out, c_in = self.shape[:2]
+            return np.moveaxis(m.reshape(c_out, -1, c_in), 2, 1).reshape(self.shape)
         return m if self.kind == "gemm-t" else m.T
 
     def cube(self, a: np.ndarray) -> np.ndarray:
@@ -450,7 +475,7 @@ class _Layer:
 
     def uncube(self, c: np.ndarray) -> np.ndarray:
         if self.kind == "conv":
-            return c.reshape(self.w.shape)
+            return c.reshape(self.shape)
         return c[:, :, 0] if self.kind == "gemm-t" else c[:, :, 0].T
 
 
@@ -473,27 +498,29 @@ def _targets(graph: ir.Graph, skipped: dict[str, str]) -> list[_Layer]:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2:
             continue
         wv, xv = node.inputs[1], node.inputs[0]
-        w = constant_weight(wv)
-        if w is None or xv is None or constant_value(xv) is not None:
+        # shapes and dtypes only: a weight is read when its layer is pruned
+        tensor = wv.const_value if is_initializer(wv) else None
+        if tensor is None or tensor.dtype not in FLOAT_TYPES or xv is None or constant_tensor(xv) is not None:
             continue
+        shape = tuple(int(d) for d in tensor.shape)
         label = node_label(node)
         if node.op_type == "Conv":
-            if w.ndim < 3:
+            if len(shape) < 3:
                 continue
             if attr(node, "group", 1) != 1:
                 skipped[label] = f"grouped conv (group={attr(node, 'group', 1)})"
                 continue
-            c_in, p = w.shape[1], math.prod(w.shape[2:])
-            geometry = Geometry.of(node, tuple(int(k) for k in w.shape[2:]))
-            layer = _Layer(node, label, wv.name, wv, "conv", xv.name, _pmajor_rows(geometry, c_in, p))
+            c_in, p = shape[1], math.prod(shape[2:])
+            geometry = Geometry.of(node, shape[2:])
+            layer = _Layer(node, label, wv.name, wv, "conv", xv.name, _pmajor_rows(geometry, c_in, p), shape)
         else:
-            if w.ndim != 2:
+            if len(shape) != 2:
                 continue
             trans_b = node.op_type == "Gemm" and bool(attr(node, "transB", 0))
             trans_a = node.op_type == "Gemm" and bool(attr(node, "transA", 0))
-            kind, k = ("gemm-t", w.shape[1]) if trans_b else ("kn", w.shape[0])
+            kind, k = ("gemm-t", shape[1]) if trans_b else ("kn", shape[0])
             rows = _rows_transposed(k) if trans_a else _rows_last(k)
-            layer = _Layer(node, label, wv.name, wv, kind, xv.name, rows)
+            layer = _Layer(node, label, wv.name, wv, kind, xv.name, rows, shape)
         others = [u for u in wv.consumers() if u is not node]
         if others:
             skipped[label] = f"weight {wv.name!r} is shared with {len(others)} other node(s)"
@@ -544,8 +571,8 @@ class PruneWeights(Pass):
                 if any(fnmatch.fnmatchcase(x, p) for p in cfg.exclude for x in names):
                     result.skipped[t.label] = "excluded"
                     continue
-                if t.w.size < cfg.min_params:
-                    result.skipped[t.label] = f"{t.w.size} weights < min_params {cfg.min_params}"
+                if t.size < cfg.min_params:
+                    result.skipped[t.label] = f"{t.size} weights < min_params {cfg.min_params}"
                     continue
             chosen.append(t)
         return chosen
@@ -558,9 +585,10 @@ class PruneWeights(Pass):
                 return cfg.layers[n]
         return None
 
-    def _fixed_masks(self, chosen: list[_Layer], result: PruneWeightsResult, method: str) -> dict[str, np.ndarray]:
-        """Masks decided before any data is seen: from masks_in, the global threshold, or (magnitude) per layer.
-        Layers missing here choose their mask during the OBS solve."""
+    def _fixed_masks(self, chosen: list[_Layer], result: PruneWeightsResult) -> dict[str, np.ndarray]:
+        """Masks decided before any data is seen and for several layers at once: from masks_in, or the global
+        threshold. Other layers choose their mask when they are pruned (magnitude: ``_magnitude_keep``; data-aware:
+        during the OBS solve)."""
         cfg: PruneWeightsConfig = self.config  # type: ignore[assignment]
         if cfg.masks_in is not None:
             given = load_masks(cfg.masks_in)
@@ -576,32 +604,34 @@ class PruneWeights(Pass):
                 if t.weight not in given:
                     result.skipped[t.label] = "no mask in masks_in"
                     continue
-                if given[t.weight].shape != t.w.shape:
+                if given[t.weight].shape != t.shape:
                     raise OnnxoptError(f"prune-weights: {cfg.masks_in}: mask {t.weight!r} has shape "
-                                       f"{list(given[t.weight].shape)}, the weight {list(t.w.shape)}")
+                                       f"{list(given[t.weight].shape)}, the weight {list(t.shape)}")
                 out[t.weight] = given[t.weight]
             return out
         nm = cfg.nm()
-        out: dict[str, np.ndarray] = {}
-        pooled = {}
+        pooled = []
         for t in chosen:
             own = self._layer_sparsity(t)
             if nm is not None and own is None:
-                c_in = t.cube(t.w).shape[1]
-                if c_in % nm[1]:
-                    result.skipped[t.label] = f"{c_in} input channels are not a multiple of M={nm[1]}"
-                    continue
-                if method == "magnitude":
-                    out[t.weight] = t.uncube(nm_mask(np.abs(t.cube(t.w)), *nm))
-            elif own is not None:
-                if method == "magnitude":
-                    out[t.weight] = magnitude_mask(t.w, own)
-            elif cfg.scope == "global":
-                pooled[t.weight] = t.w
-            elif method == "magnitude":
-                out[t.weight] = magnitude_mask(t.w, cfg.sparsity)
-        out.update(global_masks(pooled, cfg.sparsity))
+                if t.channels % nm[1]:
+                    result.skipped[t.label] = f"{t.channels} input channels are not a multiple of M={nm[1]}"
+            elif own is None and cfg.scope == "global":
+                pooled.append(t)
+        # one threshold over every pooled weight: the only place several weights are read at once
+        out = global_masks({t.weight: t.w for t in pooled}, cfg.sparsity)
+        for t in pooled:
+            release(t.value)
         return out
+
+    def _magnitude_keep(self, t: _Layer) -> np.ndarray:
+        """A magnitude layer's keep-mask in the weight's shape: N:M, its own sparsity, or the common one."""
+        cfg: PruneWeightsConfig = self.config  # type: ignore[assignment]
+        own = self._layer_sparsity(t)
+        nm = cfg.nm()
+        if nm is not None and own is None:
+            return t.uncube(nm_mask(np.abs(t.cube(t.w)), *nm))
+        return magnitude_mask(t.w, cfg.sparsity if own is None else own)
 
     def call(self, model: ir.Model) -> PruneWeightsResult:
         cfg: PruneWeightsConfig = self.config  # type: ignore[assignment]
@@ -613,7 +643,7 @@ class PruneWeights(Pass):
         if cfg.statistics_correction and self.context.calibration is not None:
             reference = clone_model(model)  # the unpruned graph; weights shared (passes never write into them)
         chosen = self._select(_targets(model.graph, result.skipped), result)
-        fixed = self._fixed_masks(chosen, result, method)
+        fixed = self._fixed_masks(chosen, result)
         chosen = [t for t in chosen if t.label not in result.skipped]
         if method == "data-aware" and chosen:
             self._data_aware(model, chosen, fixed, result)
@@ -651,7 +681,7 @@ class PruneWeights(Pass):
                 original = self._collect(model, chosen)
             with single_threaded_blas():
                 curves = {t.label: self._error_curve(t, original[t.label], halves) for t in free}
-            result.allocated = allocate_sparsity(curves, {t.label: t.w.size for t in free}, cfg.sparsity)
+            result.allocated = allocate_sparsity(curves, {t.label: t.size for t in free}, cfg.sparsity)
         self._allocated = result.allocated
         reference = None
         for i, group in enumerate(sequential_groups(chosen, cfg.sequential_runs)):
@@ -674,21 +704,20 @@ class PruneWeights(Pass):
                         layers: list[_Layer]) -> dict[str, LayerStats]:
         """One run of the pruned model beside the original: each layer's input Gram, and its cross moments
         with the original model's input to the same layer (the two inputs concatenated, one Gram)."""
-        pair, prefix = paired_model(model, reference)
+        pair, theirs = paired_model(model, reference)
         namer = Namer(pair.graph)
-        values = {o.name: o for n in pair.graph for o in n.outputs}
-        values.update({v.name: v for v in pair.graph.inputs})
+        values = values_by_name(pair.graph)
         requests = {}
         for t in layers:
             axis = 1 if t.kind == "conv" else -1
-            concat = make_node("Concat", [values[prefix + t.act], values[t.act]], {"axis": axis},
+            concat = make_node("Concat", [theirs[t.act], values[t.act]], {"axis": axis},
                                outputs=[namer.unique(f"{t.act}/paired")], name=namer.unique(f"{t.act}/paired/concat"))
             pair.graph.append(concat)
-            requests[t.label] = GramRequest(concat.outputs[0].name, 2 * t.matrix().shape[1], _paired_rows(t))
+            requests[t.label] = GramRequest(concat.outputs[0].name, 2 * t.reduction, _paired_rows(t))
         single = self._collect(pair, [], requests)
         out = {}
         for t in layers:
-            k = t.matrix().shape[1]
+            k = t.reduction
             g, m = single[t.label].gram, single[t.label].mean
             out[t.label] = LayerStats(g[k:, k:], m[k:], single[t.label].rows, cross=g[:k, k:], mean_orig=m[:k],
                                         gram_orig=g[:k, :k])
@@ -711,7 +740,8 @@ class PruneWeights(Pass):
     def _choose_damping(self, t: _Layer, halves: tuple[dict, dict], keep: np.ndarray | None) -> float:
         """The damping of ``damping_grid`` whose fit on each half has the least output error on the other."""
         cfg: PruneWeightsConfig = self.config  # type: ignore[assignment]
-        w = t.matrix()
+        w = t.matrix()  # a float64 copy: the stored weight is not needed again until the layer is pruned
+        release(t.value)
         own = self._layer_sparsity(t)
         sparsity = cfg.sparsity if own is None else own
         keep_m = None if keep is None else _as_matrix(t, keep)
@@ -732,7 +762,7 @@ class PruneWeights(Pass):
                  source=None) -> dict:
         cfg: PruneWeightsConfig = self.config  # type: ignore[assignment]
         if requests is None:
-            requests = {t.label: GramRequest(t.act, t.matrix().shape[1], t.rows) for t in layers}
+            requests = {t.label: GramRequest(t.act, t.reduction, t.rows) for t in layers}
         source = source if source is not None else self.context.calibration
         max_samples = cfg.max_samples
         if isinstance(source, SampleRange):
@@ -747,6 +777,7 @@ class PruneWeights(Pass):
         fitted on one half, measured on the other, both ways, averaged)."""
         cfg: PruneWeightsConfig = self.config  # type: ignore[assignment]
         w = t.matrix()
+        release(t.value)
         lam = self._damping.get(t.label, cfg.damping)
         pairs = [(stats, stats)] if halves is None else [(halves[0][t.label], halves[1][t.label]),
                                                         (halves[1][t.label], halves[0][t.label])]
@@ -762,11 +793,11 @@ class PruneWeights(Pass):
                result: PruneWeightsResult) -> LayerPruning:
         cfg: PruneWeightsConfig = self.config  # type: ignore[assignment]
         w = t.matrix()
-        info = LayerPruning(t.label, t.node.op_type, t.weight, list(t.w.shape), int(t.w.size), 0, method)
+        info = LayerPruning(t.label, t.node.op_type, t.weight, list(t.shape), t.size, 0, method)
         keep_m = None if keep is None else _as_matrix(t, keep)
         if method == "magnitude" or stats is None:
             if keep_m is None:
-                keep_m = _as_matrix(t, magnitude_mask(t.w, self.config.sparsity))
+                keep_m = _as_matrix(t, self._magnitude_keep(t))
             new = np.where(keep_m, w, 0.0)
             keep_m_final = keep_m
         else:
@@ -788,7 +819,7 @@ class PruneWeights(Pass):
                 delta = w @ mean_orig - new @ stats.mean  # [outputs]: mean output change
                 info.bias_corrected = self._add_bias(t, delta)
             info.output_error = stats.rel_error(new, w, info.bias_corrected)
-        new_w = t.from_matrix(new).astype(t.w.dtype)
+        new_w = t.from_matrix(new).astype(t.dtype)
         mask = _from_matrix_mask(t, keep_m_final)
         new_w[~mask] = 0  # exact zeros in storage, whatever rounding did
         set_constant(t.value, new_w)
@@ -802,7 +833,7 @@ class PruneWeights(Pass):
         g = self.graph
         if not np.any(delta):
             return False
-        dtype = t.w.dtype
+        dtype = t.dtype
         c = node.inputs[2] if len(node.inputs) > 2 else None
         if node.op_type in ("Conv", "Gemm") and c is not None:
             beta = float(attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
@@ -810,10 +841,11 @@ class PruneWeights(Pass):
             if b is None or beta == 0 or not is_initializer(c) or len(c.uses()) > 1:
                 return False
             if node.op_type == "Conv":
-                set_constant(c, (b + delta).astype(b.dtype))
+                new_c = (b + delta).astype(b.dtype)
             else:
-                new_c = np.broadcast_to(b, np.broadcast_shapes(b.shape, delta.shape)) + delta / beta
-                set_constant(c, new_c.astype(b.dtype))
+                new_c = (np.broadcast_to(b, np.broadcast_shapes(b.shape, delta.shape)) + delta / beta).astype(b.dtype)
+            del b  # (a mapped bias is let go when it is replaced)
+            set_constant(c, new_c)
             return True
         if node.op_type in ("Conv", "Gemm"):
             value = add_initializer(g, delta.astype(dtype), f"{t.weight}_bias", self.namer)
@@ -905,47 +937,104 @@ def allocate_sparsity(curves: dict[str, np.ndarray], sizes: dict[str, int], targ
     return out
 
 
-def paired_model(model: ir.Model, reference: ir.Model) -> tuple[ir.Model, str]:
-    """``model`` with a copy of ``reference`` beside it (every name prefixed), reading the same graph inputs.
+def paired_model(model: ir.Model, reference: ir.Model) -> tuple[ir.Model, dict[str, ir.Value]]:
+    """``model`` with a copy of ``reference`` beside it, reading the same graph inputs; returns (that model,
+    {name in ``reference``: the value computing it in the copy}).
 
-    Built with ``onnx.compose.add_prefix`` on protobufs: an evaluation model for the error correction (the
-    pruned model and the reference, weights read in), not a rewrite of the model itself."""
-    from onnx.compose import add_prefix
-
-    def proto(m: ir.Model) -> onnx.ModelProto:
-        has_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in m.graph.initializers.values())
-        return to_proto(ir.external_data.load_to_model(clone_model(m)) if has_external else m)
-
-    ours_proto = proto(model)
-    g = ours_proto.graph
-    taken = {*(x.name for x in g.node), *(x for n in g.node for x in n.output), *(x.name for x in g.initializer),
-             *(x.name for x in g.input)}
+    An evaluation model for the error correction, built on structural copies (nodes and values new, tensors
+    shared): the copy's names get a prefix no name of ``model`` starts with, and a weight the two models hold
+    in the very same tensor is read once, by both."""
+    pair, ref = clone_model(model), clone_model(reference)
+    graph, body = pair.graph, ref.graph
+    taken = _names(pair)
     prefix = "reference/"
     while any(n.startswith(prefix) for n in taken):
         prefix = "_" + prefix
-    ref = add_prefix(proto(reference), prefix)
-    ours = {i.name for i in g.input}
-    for i in ref.graph.input:
-        name = i.name[len(prefix):]
-        if name in ours:
-            g.node.append(helper.make_node("Identity", [name], [i.name], name=f"{prefix}{name}/feed"))
-        else:
-            g.input.append(i)
-    g.node.extend(ref.graph.node)
-    g.initializer.extend(ref.graph.initializer)
-    g.sparse_initializer.extend(ref.graph.sparse_initializer)
-    g.value_info.extend(ref.graph.value_info)
-    return from_proto(ours_proto), prefix
+    found = {v.name: v for v in body.inputs}
+    found.update(body.initializers)
+    found.update({o.name: o for n in body for o in n.outputs if o.name})
+    ours = {v.name: v for v in graph.inputs}
+    inputs, weights, nodes = list(body.inputs), list(body.initializers.values()), list(body)
+    body.inputs.clear()
+    body.outputs.clear()
+    body.initializers.clear()
+    body.remove(nodes)
+    for node in _all_nodes_of(nodes):
+        if node.name:
+            node.name = prefix + node.name
+        for o in node.outputs:
+            if o.name:
+                o.name = prefix + o.name
+        for sub in subgraphs(node):
+            for v in (*sub.inputs, *list(sub.initializers.values())):
+                if v.name:
+                    _rename(v, prefix + v.name)
+    for v in inputs:
+        if v.name in ours:
+            v.replace_all_uses_with(ours[v.name])
+            found[v.name] = ours[v.name]
+    weights = [v for v in weights if v.uses()]
+    for v in weights:
+        mine = graph.initializers.get(v.name)
+        if mine is not None and mine.const_value is v.const_value and not mine.is_graph_input():
+            v.replace_all_uses_with(mine)  # not pruned: one weight for both
+            found[v.name] = mine
+            continue
+        _rename(v, prefix + v.name)
+        graph.register_initializer(v)
+    for v in inputs:
+        if v.name not in ours and not v.is_initializer():
+            v.name = prefix + v.name
+            graph.inputs.append(v)
+    graph.extend(nodes)
+    return pair, found
+
+
+def _rename(value: ir.Value, name: str) -> None:
+    """Rename a value; its tensor, shared with the model it was copied from (renaming a value renames its
+    tensor, and a protobuf-backed tensor renames the caller's TensorProto), is replaced by an alias of the same
+    data under the new name (nothing is read: an external tensor stays a reference to its file)."""
+    tensor = value.const_value
+    if tensor is None:
+        value.name = name
+        return
+    value.const_value = None
+    value.name = name
+    if isinstance(tensor, ir.ExternalTensor):
+        alias = ir.ExternalTensor(tensor.location, tensor.offset, tensor.length, tensor.dtype, shape=tensor.shape,
+                                  name=name, base_dir=tensor.base_dir)
+    else:
+        alias = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name)
+    value.const_value = alias
+
+
+def _names(model: ir.Model) -> set[str]:
+    """Every node and value name of the model, bodies included."""
+    out: set[str] = set()
+    for g in model.graphs():
+        out.update(v.name for v in (*g.inputs, *g.outputs, *g.initializers.values()) if v.name)
+        for node in g:
+            if node.name:
+                out.add(node.name)
+            out.update(o.name for o in node.outputs if o.name)
+    return out
+
+
+def _all_nodes_of(nodes: list[ir.Node]):
+    for node in nodes:
+        yield node
+        for sub in subgraphs(node):
+            yield from all_nodes(sub)
 
 
 def _paired_rows(t: _Layer):
     """Rows of [original input, pruned input] concatenated along the channel axis, in the column order
     [original columns, pruned columns] with each half in ``t.matrix()``'s order."""
-    k = t.matrix().shape[1]
+    k = t.reduction
     if t.kind != "conv":
         return _rows_last(2 * k)
-    c_in, p = t.w.shape[1], math.prod(t.w.shape[2:])
-    rows = _pmajor_rows(Geometry.of(t.node, tuple(int(d) for d in t.w.shape[2:])), 2 * c_in, p)
+    c_in, p = t.shape[1], math.prod(t.shape[2:])
+    rows = _pmajor_rows(Geometry.of(t.node, t.shape[2:]), 2 * c_in, p)
     cols = np.arange(2 * k).reshape(p, 2, c_in)  # p-major over 2 * c_in channels: [p, half, c]
     order = np.concatenate([cols[:, 0].ravel(), cols[:, 1].ravel()])
     return lambda x: rows(x)[:, order]
@@ -991,7 +1080,7 @@ def sequential_groups(layers: list, runs: int) -> list[list]:
 def _as_matrix(t: _Layer, mask: np.ndarray) -> np.ndarray:
     """A keep-mask in the initializer's shape as the [outputs, reduction] matrix ``t.matrix()`` uses."""
     if t.kind == "conv":
-        c_out, c_in = t.w.shape[:2]
+        c_out, c_in = t.shape[:2]
         return np.moveaxis(mask.reshape(c_out, c_in, -1), 1, 2).reshape(c_out, -1)
     return mask if t.kind == "gemm-t" else mask.T
 

@@ -22,10 +22,10 @@ import onnx_ir as ir
 from pydantic import Field
 
 from onnxopt.errors import PreconditionError
-from onnxopt.graph import attr, constant_value, is_initializer, is_op, set_constant
+from onnxopt.graph import attr, constant_value, is_initializer, is_op, release, set_constant
 from onnxopt.pass_infra import Pass, PassConfig, PassResult
 
-INT8_TYPES = (np.int8, np.uint8)
+INT8_TYPES = (ir.DataType.INT8, ir.DataType.UINT8)
 
 
 class ShareWeightsConfig(PassConfig):
@@ -107,10 +107,10 @@ class ShareWeights(Pass):
                 continue
             qv = node.inputs[0]
             name = qv.name
-            if name in result.tensors or not is_initializer(qv):
+            if name in result.tensors or not is_initializer(qv) or qv.const_value is None:
                 continue
-            q = constant_value(qv)
-            if q is None or q.dtype.type not in INT8_TYPES or q.size < cfg.min_elements:
+            # dtype and size from the tensor; its values are read only when it is clustered
+            if qv.const_value.dtype not in INT8_TYPES or qv.const_value.size < cfg.min_elements:
                 continue
             if attr(node, "block_size", 0):
                 skipped[name] = "block quantization"
@@ -124,6 +124,7 @@ class ShareWeights(Pass):
             if scale is None or (has_zp and zp is None):
                 skipped[name] = "scale or zero point is not constant"
                 continue
+            q = constant_value(qv)
             zp = np.zeros((), np.int64) if zp is None else zp.astype(np.int64)
             scale = scale.astype(np.float64)
             if scale.ndim == 1 and scale.size > 1:
@@ -137,9 +138,14 @@ class ShareWeights(Pass):
             den = float(np.linalg.norm(old_f))
             result.tensors[name] = SharedTensor(name, int(q.size), int(np.unique(q).size), int(np.unique(new).size),
                                                 float(np.linalg.norm(new_f - old_f)) / den if den else 0.0)
-            if not np.array_equal(new, q):
+            changed = not np.array_equal(new, q)
+            del q, old_f, new_f  # no view of the stored tensor outlives it (a mapped one is let go below)
+            if changed:
                 set_constant(qv, new)
                 result.modified = True
+            else:
+                del new  # (may be the stored tensor itself)
+                release(qv)
         result.details = self._details(result, skipped)
         return result
 

@@ -1,3 +1,4 @@
+import lzma
 import zlib
 
 import numpy as np
@@ -67,3 +68,60 @@ def test_size_report_totals_and_zero_points_from_the_graph():
     assert t["coded_bytes"] == tensor_size("q", q, 128).coded_bytes
     assert r["total_coded_bytes"] == len(data) - 512 + t["coded_bytes"]
     assert onnx.checker.check_model(model) is None
+
+
+def _three_layer_model():
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"]), helper.make_node("MatMul", ["h0", "w1"], ["h1"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["w2"], axis=1),
+             helper.make_node("MatMul", ["h1", "w2"], ["y"])]
+    w = [rng.standard_normal((64, 64)).astype(np.float32) for _ in range(2)]
+    w[1][:, :32] = 0  # half sparse
+    q = rng.integers(0, 255, (64, 32)).astype(np.uint8)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                              [numpy_helper.from_array(w[0], "w0"), numpy_helper.from_array(w[1], "w1"),
+                               numpy_helper.from_array(q, "q"), numpy_helper.from_array(np.full(32, 0.1, np.float32), "s"),
+                               numpy_helper.from_array(np.full(32, 128, np.uint8), "zp")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_size_report_of_the_ir_reads_one_weight_at_a_time(tmp_path, monkeypatch):
+    """An IR model is measured as the protobuf file it would be written as (weights embedded), reading one
+    weight at a time from its data file; a file is measured as it is on disk, data file included."""
+    import onnx_ir as ir
+
+    from onnxopt.model_io import from_proto, load_model, save_model, to_proto
+
+    proto = _three_layer_model()
+    path = tmp_path / "m.onnx"
+    save_model(from_proto(proto), path, external_data=True)
+    lazy = load_model(path)
+    assert sum(isinstance(v.const_value, ir.ExternalTensor) for v in lazy.graph.initializers.values()) == 3
+    mapped, peak = set(), [0]
+    real_load, real_release = ir.ExternalTensor._load, ir.ExternalTensor.release
+
+    def load(self):
+        mapped.add(self.name)
+        peak[0] = max(peak[0], len(mapped))
+        return real_load(self)
+
+    def release(self):
+        mapped.discard(self.name)
+        return real_release(self)
+
+    monkeypatch.setattr(ir.ExternalTensor, "_load", load)
+    monkeypatch.setattr(ir.ExternalTensor, "release", release)
+    r = size_report(lazy, zstd=False)
+    assert peak[0] == 1 and not mapped  # each weight mapped alone, and let go
+    monkeypatch.undo()
+    embedded = to_proto(ir.external_data.load_to_model(load_model(path)))
+    assert r == size_report(embedded, zstd=False)
+    data = embedded.SerializeToString(deterministic=True)
+    assert r["bytes"] == len(data) and r["zlib_bytes"] == len(zlib.compress(data, 9))
+    assert [t["name"] for t in r["tensors"]] == ["w0", "w1", "q"]
+    assert r["tensors"][2]["zeros"] == int((numpy_helper.to_array(proto.graph.initializer[2]) == 128).sum())
+    on_disk = size_report(path, zstd=False)
+    files = path.read_bytes() + (tmp_path / "m.onnx.data").read_bytes()
+    assert on_disk["bytes"] == len(files) and on_disk["lzma_bytes"] == len(lzma.compress(files, preset=9))
+    assert on_disk["tensors"] == r["tensors"]

@@ -148,3 +148,42 @@ def test_shared_weights_and_other_graphs_are_not_corrected():
     other.graph.node[0].output[0] = "renamed"
     other.graph.node[1].input[0] = "renamed"
     assert [n.name for n in correctable_convs(ref, other)] == ["conv2"]  # h1 is not a conv output there
+
+
+def test_external_weights_are_rescaled_one_at_a_time(tmp_path, monkeypatch):
+    """Weights and biases in an external data file: each conv's are mapped when it is corrected, replaced and
+    let go; the numbers are the in-memory model's."""
+    import onnx_ir as ir
+
+    from onnxopt.model_io import load_model
+
+    ref = cnn(bias2=True)
+    ir.save(from_proto(damaged(ref)), tmp_path / "m.onnx", external_data="m.data", size_threshold_bytes=0)
+    mapped, peak, loads = set(), [0], []
+    real_load, real_release = ir.ExternalTensor._load, ir.ExternalTensor.release
+
+    def load(self):
+        loads.append(self.name)
+        mapped.add(self.name)
+        peak[0] = max(peak[0], len(mapped))
+        return real_load(self)
+
+    def release(self):
+        mapped.discard(self.name)
+        return real_release(self)
+
+    lazy = load_model(tmp_path / "m.onnx")
+    assert isinstance(lazy.graph.initializers["w1"].const_value, ir.ExternalTensor)
+    monkeypatch.setattr(ir.ExternalTensor, "_load", load)
+    monkeypatch.setattr(ir.ExternalTensor, "release", release)
+    report = correct_channel_statistics(lazy, ref, data(ref), max_samples=None)
+    assert set(report) == {"conv1", "conv2"}
+    # each conv's weight and bias: mapped for the prefix model ORT runs, then to be rescaled; never all at once
+    assert not mapped and peak[0] <= 2 and all(loads.count(n) <= 2 for n in ("w1", "b1", "w2", "b2"))
+    monkeypatch.undo()
+    model = from_proto(damaged(ref))
+    correct_channel_statistics(model, ref, data(ref), max_samples=None)
+    got, want = weights(to_proto(ir.external_data.load_to_model(lazy))), weights(to_proto(model))
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        np.testing.assert_array_equal(got[name], w)

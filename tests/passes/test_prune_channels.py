@@ -391,3 +391,45 @@ def test_statistics_correction_restores_the_kept_channels_statistics():
         assert np.mean(np.abs(np.log(np.sqrt(after[i][1]) / sd))) <= np.mean(
             np.abs(np.log(np.sqrt(before[i][1]) / sd))) + 1e-6
     np.testing.assert_allclose(np.sqrt(after[0][1]), np.sqrt(ref[0][1][kept]), rtol=1e-4)  # expand: exact
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_external_weights_are_read_one_at_a_time(tmp_path, monkeypatch, with_data):
+    """The channel analysis reads shapes only; each weight is mapped when it is scored or rewritten and let go;
+    the result is the in-memory model's."""
+    import onnx_ir as ir
+
+    from onnxopt.model_io import from_proto, load_model, save_model, to_proto
+    from onnxopt.pass_infra import PassManager
+
+    model = conv_bn_relu_conv()
+    save_model(from_proto(model), tmp_path / "m.onnx", external_data=True)
+    mapped, peak = set(), [0]
+    real_load, real_release = ir.ExternalTensor._load, ir.ExternalTensor.release
+
+    def load(self):
+        mapped.add(self.name)
+        peak[0] = max(peak[0], len(mapped))
+        return real_load(self)
+
+    def release(self):
+        mapped.discard(self.name)
+        return real_release(self)
+
+    context = PassContext(calibration=from_arrays({"x": rand(16, 3, 8, 8, seed=9)}, model)) if with_data else None
+    config = {"ratio": 0.5, "round_to": 4, "statistics_correction": with_data, "bias_correction": True}
+    if with_data:
+        config |= {"refit_inputs": "pruned"}
+    monkeypatch.setattr(ir.ExternalTensor, "_load", load)
+    monkeypatch.setattr(ir.ExternalTensor, "release", release)
+    lazy = load_model(tmp_path / "m.onnx")
+    assert sum(isinstance(v.const_value, ir.ExternalTensor) for v in lazy.graph.initializers.values()) == 2
+    out = PassManager([PruneChannels(PruneChannelsConfig(**config), context)]).run(lazy).model
+    assert peak[0] == 1 and not mapped
+    monkeypatch.undo()
+    want, _ = prune(model, context, **config)
+    got = to_proto(ir.external_data.load_to_model(out))
+    assert [(n.op_type, list(n.input)) for n in got.graph.node] == [(n.op_type, list(n.input)) for n in want.graph.node]
+    assert inits(got).keys() == inits(want).keys()
+    for k, v in inits(want).items():
+        np.testing.assert_array_equal(inits(got)[k], v)

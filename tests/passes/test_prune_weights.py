@@ -400,3 +400,58 @@ def test_statistics_correction_matches_the_original_channel_statistics_and_keeps
     again, res2 = prune(model, sparsity=0.7, method="magnitude", statistics_correction=True)
     assert "statistics_correction" not in res2.details
     np.testing.assert_array_equal(inits(again)["w1"], inits(plain)["w1"])
+
+
+def test_weights_are_read_when_pruned_one_at_a_time(tmp_path, monkeypatch):
+    """External weights: each layer's weight is mapped when it is pruned and let go; a layer left alone is never
+    read; the sequential error correction (a copy of the original model beside the pruned one) works on it too
+    and gives the numbers of the in-memory model."""
+    import onnx_ir as ir
+
+    from onnxopt.model_io import from_proto, load_model, save_model, to_proto
+    from onnxopt.pass_infra import PassManager
+
+    nodes = [node("MatMul", ["x", "w0"], ["h0"], name="fc0"), node("Relu", ["h0"], ["r0"], name="relu"),
+             node("MatMul", ["r0", "w1"], ["h1"], name="fc1"), node("MatMul", ["h1", "w2"], ["y"], name="fc2")]
+    model = make_model(nodes, [vi("x", ["B", 64])], [vi("y", ["B", 8])],
+                       [init("w0", rand(64, 64, seed=1)), init("w1", rand(64, 64, seed=2)),
+                        init("w2", rand(64, 8, seed=3))])
+    save_model(from_proto(model), tmp_path / "m.onnx", external_data=True)
+    loads, mapped, peak = [], set(), [0]
+    real_load, real_release = ir.ExternalTensor._load, ir.ExternalTensor.release
+
+    def load(self):
+        loads.append(self.name)
+        mapped.add(self.name)
+        peak[0] = max(peak[0], len(mapped))
+        return real_load(self)
+
+    def release(self):
+        mapped.discard(self.name)
+        return real_release(self)
+
+    monkeypatch.setattr(ir.ExternalTensor, "_load", load)
+    monkeypatch.setattr(ir.ExternalTensor, "release", release)
+    for size_report in (False, True):
+        loads.clear()
+        lazy = load_model(tmp_path / "m.onnx")
+        assert all(isinstance(v.const_value, ir.ExternalTensor) for v in lazy.graph.initializers.values())
+        cfg = PruneWeightsConfig(sparsity=0.5, min_params=1000, size_report=size_report)
+        out = PassManager([PruneWeights(cfg)]).run(lazy).model
+        assert peak[0] == 1 and not mapped
+        if not size_report:  # fc2 (512 weights) is below min_params: never read
+            assert loads == ["w0", "w1"]
+        _same_model(to_proto(ir.external_data.load_to_model(out)), prune(model, **cfg.model_dump(exclude={"type"}))[0])
+    x = correlated(128, 64, latent=8, seed=3)
+    calib = from_arrays({"x": x}, model)
+    cfg = PruneWeightsConfig(sparsity=0.6, sequential_runs=3, batch_size=64, size_report=False)
+    out = PassManager([PruneWeights(cfg, PassContext(calibration=calib))]).run(load_model(tmp_path / "m.onnx")).model
+    _same_model(to_proto(ir.external_data.load_to_model(out)), prune(model, calib, **cfg.model_dump(exclude={"type"}))[0])
+
+
+def _same_model(got, want):
+    assert [(n.op_type, list(n.input), list(n.output)) for n in got.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in want.graph.node]
+    assert inits(got).keys() == inits(want).keys()
+    for k, v in inits(want).items():
+        np.testing.assert_array_equal(inits(got)[k], v)
