@@ -48,7 +48,9 @@ def fold_into_following_add(node: ir.Node, delta: np.ndarray) -> bool:
     if c.ndim and c.shape[-1] not in (1, delta.shape[0]):
         return False
     new_c = (c + delta).astype(c.dtype)  # [N] or [1, .., N]: the Add's output shape does not change
-    set_constant(other, new_c.reshape(c.shape[:-1] + (delta.shape[0],)) if c.ndim else new_c)
+    new_c = new_c.reshape(c.shape[:-1] + (delta.shape[0],)) if c.ndim else new_c
+    del c  # no view of the old constant may outlive it: a memory-mapped one is let go when it is replaced
+    set_constant(other, new_c)
     return True
 
 

@@ -455,3 +455,25 @@ def _same_model(got, want):
     assert inits(got).keys() == inits(want).keys()
     for k, v in inits(want).items():
         np.testing.assert_array_equal(inits(got)[k], v)
+
+
+def test_bias_correction_into_an_external_add_constant(tmp_path):
+    """The exporters' MatMul + Add bias, the bias in an external data file: the correction replaces it (the
+    mapped original let go) with the numbers of the in-memory model."""
+    import onnx_ir as ir
+
+    from onnxopt.model_io import from_proto, load_model, save_model, to_proto
+    from onnxopt.pass_infra import PassManager
+
+    nodes = [node("MatMul", ["x", "w"], ["h"], name="fc"), node("Add", ["h", "b"], ["y"], name="add")]
+    model = make_model(nodes, [vi("x", ["B", 64])], [vi("y", ["B", 512])],
+                       [init("w", rand(64, 512, seed=1)), init("b", rand(512, seed=2))])
+    save_model(from_proto(model), tmp_path / "m.onnx", external_data=True)
+    lazy = load_model(tmp_path / "m.onnx")
+    assert isinstance(lazy.graph.initializers["b"].const_value, ir.ExternalTensor)
+    calib = from_arrays({"x": correlated(64, 64, latent=8, seed=3)}, model)
+    cfg = PruneWeightsConfig(sparsity=0.5, size_report=False)
+    result = PassManager([PruneWeights(cfg, PassContext(calibration=calib))]).run(lazy)
+    assert result.results[0].details["layers"]["fc"]["bias_corrected"]
+    want = prune(model, calib, **cfg.model_dump(exclude={"type"}))[0]
+    _same_model(to_proto(ir.external_data.load_to_model(result.model)), want)
