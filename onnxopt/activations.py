@@ -107,6 +107,7 @@ def constant_values(graph: ir.Graph) -> set[str]:
 
 
 _SHAPE_OPS = frozenset({"Shape", "Size"})
+_GATHER_OPS = frozenset({"Gather", "GatherElements", "GatherND"})
 # ops a masked score passes through on its way to the Softmax (Where: masked_fill written as Where)
 _MASK_PATH_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Max", "Min", "Cast", "Reshape", "Transpose",
                             "Unsqueeze", "Squeeze", "Expand", "Identity"})
@@ -117,8 +118,9 @@ def attention_masks(model: ir.Model | onnx.ModelProto) -> set[str]:
     or the float minimum) where a position is masked, so no clip range describes them and quantizing them
     would let masked positions into the Softmax. Calibration skips them; QDQ insertion leaves them float.
 
-    A mask is a float value computed without reading any float activation other than through Shape/Size
-    (from integer inputs such as ``attention_mask``, from shapes, e.g. a causal mask, and constants), that an
+    A mask is a float value computed without reading any float input or embedding lookup other than through
+    Shape/Size (from integer inputs such as ``attention_mask``, from shapes, e.g. a causal mask, and
+    constants), that an
     Add/Sub/Where combines with a data value on a path of elementwise and layout ops ending in a Softmax. The
     returned names are the masks and the values on that path (the Softmax output is an ordinary activation).
     """
@@ -126,10 +128,14 @@ def attention_masks(model: ir.Model | onnx.ModelProto) -> set[str]:
     g = model.graph
     types = value_types(model)
     const = constant_values(g)
+    # data: float inputs and embedding lookups (a float table indexed by token ids), and what reads them
     data: set[str] = {i.name for i in g.inputs if types.get(i.name) in FLOAT_TYPES}
     for n in g:
-        if n.op_type not in _SHAPE_OPS and any(x is not None and x.name in data for x in n.inputs):
+        lookup = (n.op_type in _GATHER_OPS and n.inputs[0] is not None and n.inputs[0].name in const
+                  and types.get(n.inputs[0].name) in FLOAT_TYPES)
+        if lookup or (n.op_type not in _SHAPE_OPS and any(x is not None and x.name in data for x in n.inputs)):
             data.update(o.name for o in n.outputs if o.name)
+
     def is_mask(v) -> bool:
         return (v is not None and v.name not in data and v.name not in const
                 and types.get(v.name) in FLOAT_TYPES)
@@ -151,9 +157,37 @@ def attention_masks(model: ir.Model | onnx.ModelProto) -> set[str]:
                 elif use.op_type in _MASK_PATH_OPS:
                     frontier.append(use)
         if reaches:
-            out.update(x.name for x in masks)
             out.update(path)
+            stack = list(masks)  # and the float values the mask is built from (-inf may appear upstream)
+            while stack:
+                v = stack.pop()
+                if v.name in out:
+                    continue
+                out.add(v.name)
+                p = v.producer()
+                if p is not None and p.op_type not in _SHAPE_OPS:
+                    stack.extend(x for x in p.inputs if is_mask(x))
     return out
+
+
+def has_attention(model: ir.Model | onnx.ModelProto) -> bool:
+    """Whether the main graph holds attention: a Softmax whose output reaches a MatMul (probabilities times
+    values) through layout ops. Such models carry the transformer residual stream, whose few huge-magnitude
+    channels no int8 activation range of an Add/Mul on it can hold."""
+    g = as_ir(model).graph
+    for n in g:
+        if n.op_type != "Softmax":
+            continue
+        frontier, seen = [n], 0
+        while frontier and seen < 16:
+            node = frontier.pop()
+            seen += 1
+            for use in {id(u): u for o in node.outputs for u, _ in o.uses()}.values():
+                if use.op_type == "MatMul":
+                    return True
+                if use.op_type in _MASK_PATH_OPS:
+                    frontier.append(use)
+    return False
 
 
 def select_tensors(model: ir.Model | onnx.ModelProto, names: list[str] | None = None,

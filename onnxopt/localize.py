@@ -65,7 +65,7 @@ class Localization:
         if not self.worst:
             return "no layer loses accuracy"
         return "largest error jumps: " + ", ".join(
-            f"{x.node or x.tensor} ({x.op_type}, -{x.jump_db:.1f} dB to {x.sqnr_db:.1f} dB)" for x in self.worst)
+            f"{x.node or x.tensor} ({x.op_type}: loses {x.jump_db:.1f} dB, down to {x.sqnr_db:.1f} dB)" for x in self.worst)
 
 
 def _model(model) -> ir.Model:
@@ -136,8 +136,12 @@ def localize(reference, candidate, data, *, batch_size: int = 8, max_samples: in
             if a.shape != b.shape:
                 noise[t] = math.inf
                 continue
+            # equal values add no noise, -inf included (masked scores); non-finite values add no signal
+            with np.errstate(invalid="ignore", over="ignore"):
+                d = np.where(a == b, 0.0, a - b)
+                noise[t] += float((d * d).sum())
+            a, b = np.where(np.isfinite(a), a, 0.0), np.where(np.isfinite(b), b, 0.0)
             sig[t] += float((a * a).sum())
-            noise[t] += float(((a - b) ** 2).sum())
             rows = 1 if whole or not a.ndim else k
             a2, b2 = a.reshape(rows, -1), b.reshape(rows, -1)
             den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)

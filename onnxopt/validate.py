@@ -273,12 +273,25 @@ def build_checks(gate: GateConfig, outputs: dict[str, OutputMetrics], *, labels:
     return checks
 
 
-def _pick_accuracy_output(order: list[str], ref_out: dict[str, np.ndarray]) -> str | None:
-    for name in order:
+def _pick_accuracy_output(order: list[str], ref_out: dict[str, np.ndarray], labels: np.ndarray,
+                          named: list[str]) -> str | None:
+    """The output scored against labels: the first of the gate's ``outputs`` that fits, else the [N, C]
+    scores with the fewest classes that still cover every label (a classifier head, not an embedding of the
+    same shape), else [N] class ids."""
+    def fits(name: str) -> bool:
         v = np.asarray(ref_out[name])
-        if (v.ndim == 2 and v.shape[1] > 1 and v.dtype.kind in "fc") or (v.ndim == 1 and v.dtype.kind in "iu"):
+        return (v.ndim == 2 and v.shape[1] > 1 and v.dtype.kind in "fc") or (v.ndim == 1 and v.dtype.kind in "iu")
+
+    for name in named:
+        if name in ref_out and fits(name):
             return name
-    return None
+    top = int(labels.max()) if labels.size else 0
+    scores = [n for n in order if fits(n) and np.asarray(ref_out[n]).ndim == 2]
+    covering = [n for n in scores if np.asarray(ref_out[n]).shape[1] > top]
+    if covering:
+        return min(covering, key=lambda n: np.asarray(ref_out[n]).shape[1])  # stable: first of equals
+    ids = [n for n in order if fits(n) and np.asarray(ref_out[n]).ndim == 1]
+    return ids[0] if ids else (scores[0] if scores else None)
 
 
 def validate(reference: ModelRef, candidate: ModelRef, data: DataSource, *,
@@ -340,7 +353,7 @@ def validate(reference: ModelRef, candidate: ModelRef, data: DataSource, *,
                 stats[name].update(ref_out[name], cand_out[name], one_sample=feeds)
             if labels is not None:
                 if acc_output is None:
-                    acc_output = _pick_accuracy_output(acc_order, ref_out)
+                    acc_output = _pick_accuracy_output(acc_order, ref_out, labels, list(gate.outputs or []))
                     if acc_output is None:
                         raise OnnxoptError("labels given but no output is [N, C] scores or [N] class ids "
                                            f"(outputs: {_names(tensor_outs)})")

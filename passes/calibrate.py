@@ -36,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from onnxopt.activations import activation_session, limited_batches, select_tensors
+from onnxopt.activations import activation_session, attention_masks, limited_batches, select_tensors
 from onnxopt.data import samples_in, subset
 from onnxopt.errors import DataError, OnnxoptError
 from onnxopt.model_io import atomic_write, content_digest
@@ -110,9 +110,14 @@ class Calibrate(Pass):
         start = time.perf_counter()
         source = self.context.calibration
         tensors = select_tensors(model, cfg.tensors)
+        details: dict[str, Any] = {"observer": cfg.observer}
+        if cfg.tensors is None:
+            masks = attention_masks(model)  # -inf where masked: no range fits; quantize-qdq keeps them float
+            if masks:
+                tensors = [t for t in tensors if t not in masks]
+                details["attention_masks"] = len(masks)
         if not tensors:
             raise OnnxoptError("calibrate: the model has no float activations to observe")
-        details: dict[str, Any] = {"observer": cfg.observer}
 
         cache_file = None
         if cfg.cache:
