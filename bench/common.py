@@ -192,6 +192,24 @@ def interleaved_latency(sessions: dict[str, tuple[ort.InferenceSession, dict]], 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def cpu_line() -> str:
+    """The CPU these figures were measured on: model name, int8 flags, cores, ONNX Runtime version."""
+    from onnxopt.isa import detect_cpu
+
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    amx = "AMX" if " amx_int8" in flags else "no AMX"
+    return (f"CPU: {name}, {detect_cpu().describe()}, {amx}, {os.cpu_count()} cores; "
+            f"onnxruntime {ort.__version__}")
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

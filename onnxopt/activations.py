@@ -247,6 +247,36 @@ def limited_batches(source, batch_size: int, max_samples: int | None) -> Iterato
         yield batch
 
 
+def sample_batches(model: ir.Model | onnx.ModelProto, source, n: int) -> list[dict[str, np.ndarray]]:
+    """About ``n`` samples of ``source`` as batches the model can run: none larger than its static batch
+    dim; with the feeds layout, whole feeds."""
+    from onnxopt.data import model_inputs
+
+    limit = min([s.static_batch for s in model_inputs(model) if s.static_batch] or [n])
+    out, got = [], 0
+    for b in source.batches(min(n, limit)):
+        k = min(samples_in(b), n - got)
+        out.append(first(b, k))
+        got += k
+        if got >= n:
+            break
+    return out
+
+
+def output_sqnr(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
+    """SQNR (dB) of the candidate's outputs against the reference's, over every output of every batch
+    together (lists of per-batch output lists, same order); inf when they are equal."""
+    signal = noise = 0.0
+    for ref, out in zip(reference, candidate, strict=True):
+        for r, o in zip(ref, out, strict=True):
+            r64, o64 = np.asarray(r, np.float64), np.asarray(o, np.float64)
+            signal += float(np.sum(r64 * r64))
+            noise += float(np.sum((r64 - o64) ** 2))
+    if noise == 0:
+        return float("inf")
+    return 10 * float(np.log10(max(signal, 1e-30) / noise))
+
+
 def stream_activations(model: ir.Model | onnx.ModelProto, source, names: list[str], *, batch_size: int,
                        max_samples: int | None = None, opt_level: str = "basic", what: str = "model",
                        prune: bool = False, keep_outputs: bool = True,

@@ -65,6 +65,7 @@ from onnxopt.profiling import Profile, make_session, op_kinds, profile
 from onnxopt.qdq import ANCHOR_OPS, COMPUTE_OPS, QuantizeQDQConfig, QuantizeQDQResult, QuantOverride
 from onnxopt.quant import shield_float_ops
 from onnxopt.registry import get_pass_class
+from onnxopt.runtime import run_batch
 
 Variant = Literal["int8", "int8-rr", "float"]
 VARIANTS: tuple[str, ...] = ("int8", "int8-rr", "float")
@@ -307,22 +308,24 @@ class LatencyPlacement(Pass):
         return self._requantize(extra)
 
     # -- data -----------------------------------------------------------------------------------
-    def _feeds(self, model: ir.Model, n: int) -> dict[str, np.ndarray]:
+    def _batches(self, model: ir.Model, n: int) -> list[dict[str, np.ndarray]]:
+        from onnxopt.activations import sample_batches
         from onnxopt.data import random_data
 
         data = self.context.calibration
-        if data is None:
-            data = random_data(model, n, seed=0)
-        chunks, got = [], 0
-        for b in data.batches(n):
-            chunks.append(b)
-            got += len(next(iter(b.values())))
-            if got >= n:
-                break
-        feed = {k: np.concatenate([c[k] for c in chunks])[:n] for k in chunks[0]}
+        return sample_batches(model, data if data is not None else random_data(model, n, seed=0), n)
+
+    def _feeds(self, model: ir.Model, n: int) -> dict[str, np.ndarray]:
+        """One batch of ``n`` samples for timing (repeated when there are fewer; capped by a static batch)."""
+        from onnxopt.data import Feed, model_inputs
+
+        feed = self._batches(model, n)[0]
+        if isinstance(feed, Feed):
+            return feed
         have = len(next(iter(feed.values())))
-        if have < n:  # fewer samples than the batch: repeat them
-            feed = {k: np.concatenate([v] * math.ceil(n / have))[:n] for k, v in feed.items()}
+        limit = min([n] + [s.static_batch for s in model_inputs(model) if s.static_batch])
+        if have < limit:  # fewer samples than the batch: repeat them
+            feed = {k: np.concatenate([v] * math.ceil(limit / have))[:limit] for k, v in feed.items()}
         return feed
 
     # -- search ---------------------------------------------------------------------------------
@@ -330,17 +333,18 @@ class LatencyPlacement(Pass):
         cfg: LatencyPlacementConfig = self.config
         start = time.perf_counter()
         feed = self._feeds(model, cfg.batch_size)
-        acc_feed = self._feeds(model, cfg.accuracy_samples)
+        acc_batches = self._batches(model, cfg.accuracy_samples)
         source = self.q.source
-        ref = make_session(source, 1).run(None, acc_feed)
+        ref_sess = make_session(source, 1)
+        refs = [list(run_batch(ref_sess, b).values()) for b in acc_batches]
         source_outputs = [o.name for o in source.graph.outputs]
         float_outputs = set(source_outputs)
 
         def sqnr(m: ir.Model) -> float:
             sess = make_session(m, 1)
             names = [o.name for o in sess.get_outputs() if o.name in float_outputs]
-            outs = sess.run(names, acc_feed)
-            return _sqnr([ref[source_outputs.index(n)] for n in names], outs)
+            outs = [x for b in acc_batches for x in run_batch(sess, b, names).values()]
+            return _sqnr([r[source_outputs.index(n)] for r in refs for n in names], outs)
 
         cands: dict[tuple, _Candidate] = {}
 
