@@ -29,9 +29,12 @@ from onnxopt.errors import PreconditionError
 from onnxopt.graph import clone_model
 from onnxopt.localize import localize
 from onnxopt.pass_infra import Pass, PassConfig
-from onnxopt.qdq import QuantizeQDQConfig, QuantizeQDQResult, QuantOverride
+from onnxopt.qdq import COMPUTE_OPS, QuantizeQDQConfig, QuantizeQDQResult, QuantOverride
 from onnxopt.registry import get_pass_class
 from onnxopt.runtime import make_session, run_batch
+
+_ACTIVATION_OPS = frozenset({"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Mul", "Tanh", "LeakyRelu",
+                             "Gelu", "Erf"})
 
 
 class PrecisionFallbackConfig(PassConfig):
@@ -86,14 +89,15 @@ class PrecisionFallback(Pass):
 
         islands = self._islands(q.source)
         readers = self._readers(q.source)
-        chosen: list[str] = []
-        best_model, best = model, before
+        # accepted: the best placement so far; probe: where the search stands. A probe may go one step
+        # past the accepted one without gaining (two islands can help only together: a float conv whose
+        # output still feeds an int8 one)
+        accepted = probe = ([], model, before, None)
         trials = 0
         with self.context.progress.task("precision fallback", cfg.max_nodes) as bar:
-            while best < cfg.min_sqnr_db and len(chosen) < cfg.max_nodes:
-                # the worst nodes of the current model, and the nodes next to an island (an island's
-                # error often moves to its neighbour: a float conv feeding an int8 one)
-                ranked = [n for n in self._ranked(q, best_model, batches) if n not in chosen and islands.get(n)]
+            while accepted[2] < cfg.min_sqnr_db and len(probe[0]) < cfg.max_nodes:
+                chosen, current = probe[0], probe[1]
+                ranked = [n for n in self._ranked(q, current, batches) if n not in chosen and islands.get(n)]
                 near = [r for n in chosen for t in islands[n] for r in readers.get(t, ())
                         if r not in chosen and islands.get(r)]
                 pool = list(dict.fromkeys(ranked[:cfg.candidates] + near[:cfg.candidates]))
@@ -105,11 +109,13 @@ class PrecisionFallback(Pass):
                     step.append((sqnr(r.model), node, r))
                     trials += 1
                 score, node, r = max(step, key=lambda t: t[0])
-                if score - best < cfg.min_gain_db:
-                    break
-                chosen.append(node)
-                best_model, best, best_result = r.model, score, r
+                probe = (chosen + [node], r.model, score, r)
                 bar.update(1)
+                if score - accepted[2] >= cfg.min_gain_db * (len(probe[0]) - len(accepted[0])):
+                    accepted = probe
+                elif len(probe[0]) - len(accepted[0]) > 1:
+                    break
+        chosen, best_model, best, best_result = accepted
         details.update({"sqnr_db_after": round(best, 2), "nodes": chosen, "trials": trials,
                         "fallback": cfg.fallback, "reached": best >= cfg.min_sqnr_db})
         if not chosen:
@@ -151,14 +157,26 @@ class PrecisionFallback(Pass):
 
     @staticmethod
     def _islands(source: ir.Model) -> dict[str, list[str]]:
-        """Node name -> the float activations it reads and writes (what an island keeps out of int8)."""
+        """Node name -> the float activations its island keeps out of int8: what it reads and writes, and for
+        a Conv/MatMul/Gemm also its activation function's (Relu, Clip, Sigmoid and the Mul of x * sigmoid(x),
+        ...): quantizing between a layer and its activation is where the island's error would come back."""
         types = value_types(source)
+
+        def acts(n: ir.Node) -> list[ir.Value]:
+            return [v for v in [*n.inputs, *n.outputs] if v is not None and v.name and v.const_value is None
+                    and not v.is_initializer() and types.get(v.name) in FLOAT_TYPES]
+
         out: dict[str, list[str]] = {}
         for n in source.graph:
             if not n.name:
                 continue
-            values = [v for v in [*n.inputs, *n.outputs] if v is not None and v.name and
-                      v.const_value is None and not (v.is_initializer()) and types.get(v.name) in FLOAT_TYPES]
+            values = acts(n)
+            if n.op_type in COMPUTE_OPS:
+                frontier = [n]
+                for _ in range(2):  # layer -> Sigmoid -> Mul (SiLU), layer -> Relu, layer -> HardSigmoid -> Mul
+                    frontier = [u for f in frontier for o in f.outputs for u, _ in o.uses()
+                                if u.op_type in _ACTIVATION_OPS]
+                    values += [v for u in frontier for v in acts(u)]
             out[n.name] = list(dict.fromkeys(v.name for v in values))
         return out
 
