@@ -65,6 +65,7 @@ from onnxopt.profiling import Profile, make_session, op_kinds, profile
 from onnxopt.qdq import ANCHOR_OPS, COMPUTE_OPS, QuantizeQDQConfig, QuantizeQDQResult, QuantOverride
 from onnxopt.quant import shield_float_ops
 from onnxopt.registry import get_pass_class
+from onnxopt.timing import recorded_session
 from onnxopt.runtime import run_batch
 
 Variant = Literal["int8", "int8-rr", "float"]
@@ -565,7 +566,9 @@ class LatencyPlacement(Pass):
         # how the decisions were made, in words that do not change between a run and its cached replay
         mode = details.get("mode", "")
         recorded["placement"] = "measured" if measured or mode.startswith("cached") else mode.split(" ")[0]
-        out.metadata_props.pop(METADATA_KEY, None)
+        # entries other passes recorded (e.g. transformer-layout's disabled fusions) stay
+        prior = recorded_session(model).get("session_config", {})
+        recorded["session_config"] = {**prior, **recorded.get("session_config", {})}
         out.metadata_props[METADATA_KEY] = json.dumps(recorded, sort_keys=True)
         counts = Counter(assign.values())
         details["decision_counts"] = {v: counts[v] for v in VARIANTS if counts[v]}
