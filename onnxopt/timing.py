@@ -80,13 +80,16 @@ class Timer:
     def __init__(self, runs: int = 20):
         self.runs = runs
 
-    def profile_kernels(self, c: Timed, feed: dict[str, np.ndarray]) -> None:
+    def profile(self, model: ir.Model, feed: dict[str, np.ndarray], setting: Setting, runs: int | None = None,
+                warmup: int = 2):
+        """ORT's per-kernel profile (``onnxopt.profiling.Profile``) of ``model`` under ``setting``."""
         from onnxopt.profiling import profile
 
-        s = c.setting
-        prof = profile(c.model, feed, runs=max(3, self.runs // 2), warmup=2, threads=s.threads,
-                       opt_level=s.level, config=s.config_dict)
-        c.kernel_ms.append(prof.kernel_us / 1000)
+        return profile(model, feed, runs=runs or max(3, self.runs // 2), warmup=warmup, threads=setting.threads,
+                       opt_level=setting.level, config=setting.config_dict)
+
+    def profile_kernels(self, c: Timed, feed: dict[str, np.ndarray]) -> None:
+        c.kernel_ms.append(self.profile(c.model, feed, c.setting).kernel_us / 1000)
 
     def race_wall(self, cands: list[Timed], feed: dict[str, np.ndarray]) -> None:
         from onnxopt.profiling import make_session

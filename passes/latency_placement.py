@@ -61,11 +61,11 @@ from onnxopt.graph import attr, clone_model
 from onnxopt.isa import detect_cpu
 from onnxopt.model_io import as_ir, content_digest
 from onnxopt.pass_infra import Pass, PassConfig, PassResult
-from onnxopt.profiling import Profile, make_session, op_kinds, profile
+from onnxopt.profiling import Profile, make_session, op_kinds
 from onnxopt.qdq import ANCHOR_OPS, COMPUTE_OPS, QuantizeQDQConfig, QuantizeQDQResult, QuantOverride
 from onnxopt.quant import shield_float_ops
 from onnxopt.registry import get_pass_class
-from onnxopt.timing import recorded_session
+from onnxopt.timing import Setting, Timed, recorded_session, timer
 from onnxopt.runtime import run_batch
 
 Variant = Literal["int8", "int8-rr", "float"]
@@ -89,13 +89,15 @@ class LatencyPlacementConfig(PassConfig):
     batch_size: int = Field(1, gt=0, description="batch the latency is measured at")
     threads: int = Field(1, gt=0, description="intra-op threads the latency is measured with")
     runs: int = Field(20, gt=0, description="timed runs per candidate and comparison")
-    measure: Literal["kernels", "wall"] = Field(
-        "kernels", description="kernels: sum of ORT's per-kernel median times (steady on a busy machine); "
-        "wall: median wall-clock time per run")
+    measure: Literal["both", "kernels", "wall"] = Field(
+        "both", description="both: a move must win on ORT's per-kernel times and be confirmed by interleaved "
+        "wall-clock time; kernels: per-kernel times only (steady on a busy machine); wall: wall-clock only")
     min_gain: float = Field(0.03, ge=0, lt=1, description="a move must save this share of the time")
     max_rounds: int = Field(3, ge=0, description="rounds of moves over all op kinds")
     max_sqnr_drop_db: float = Field(3.0, ge=0, description="accuracy guard: output SQNR vs float may drop "
                                     "this much below the quantize-qdq model's")
+    max_agreement_drop: float = Field(1.0, ge=0, description="accuracy guard for classifier outputs: top-1 "
+                                      "agreement with float (points) may drop this much below quantize-qdq's")
     accuracy_samples: int = Field(16, gt=0, description="calibration samples for the accuracy guard")
     tune_session: bool = Field(True, description="measure ORT session options and record the best")
     cache: bool = Field(True, description="reuse decisions measured earlier for the same model and config")
@@ -116,8 +118,13 @@ class _Candidate:
     threads: int = 1
     level: str = "all"
     config: dict[str, str] = field(default_factory=dict)
-    session: Any = None  # created on first wall-clock timing
     floor: bool = True  # kernel sums: the least of them (other processes only ever add time)
+    timed: Timed | None = None  # what onnxopt.timing measured of it (its session is kept for wall races)
+
+    def as_timed(self) -> Timed:
+        if self.timed is None or self.timed.setting != Setting.of(self.threads, self.level, self.config):
+            self.timed = Timed(self.model, Setting.of(self.threads, self.level, self.config))
+        return self.timed
 
     @property
     def ms(self) -> float:
@@ -196,6 +203,7 @@ class LatencyPlacement(Pass):
         if not cfg.enabled:
             return LatencyPlacementResult(model, False, {"enabled": False})
         self.q = self.context.latest(QuantizeQDQResult)
+        self.timer = timer(cfg.runs)
         self.units = self._units(model)
         self.kinds = {u: k for u, k in op_kinds(model).items() if u in self.units}
         details: dict[str, Any] = {"units": len(self.units), "kinds": dict(Counter(self.kinds.values()))}
@@ -341,10 +349,21 @@ class LatencyPlacement(Pass):
         source_outputs = [o.name for o in source.graph.outputs]
         float_outputs = set(source_outputs)
 
+        # a classifier's output ([N, C] scores) is guarded by top-1 agreement too: SQNR alone lets a
+        # change through that flips decisions while moving little energy
+        classifier = next((i for i, x in enumerate(refs[0]) if x.ndim == 2 and x.shape[1] > 1
+                           and np.issubdtype(x.dtype, np.floating)), None) if refs else None
+        agreements: dict[int, float] = {}
+
         def sqnr(m: ir.Model) -> float:
             sess = make_session(m, 1)
             names = [o.name for o in sess.get_outputs() if o.name in float_outputs]
-            outs = [x for b in acc_batches for x in run_batch(sess, b, names).values()]
+            per_batch = [run_batch(sess, b, names) for b in acc_batches]
+            outs = [x for o in per_batch for x in o.values()]
+            if classifier is not None and source_outputs[classifier] in names:
+                name = source_outputs[classifier]
+                hits = [np.argmax(r[classifier], 1) == np.argmax(o[name], 1) for r, o in zip(refs, per_batch)]
+                agreements[id(m)] = 100.0 * float(np.mean(np.concatenate(hits)))
             return _sqnr([r[source_outputs.index(n)] for r in refs for n in names], outs)
 
         cands: dict[tuple, _Candidate] = {}
@@ -361,7 +380,15 @@ class LatencyPlacement(Pass):
         floor = base.sqnr - cfg.max_sqnr_drop_db
         details["sqnr_db"] = {"quantize-qdq": round(base.sqnr, 2), "floor": round(floor, 2)}
 
+        base_agree = agreements.get(id(base.model))
+        if base_agree is not None:
+            details["top1_agreement"] = {"quantize-qdq": round(base_agree, 2),
+                                         "floor": round(base_agree - cfg.max_agreement_drop, 2)}
+
         def ok(c: _Candidate) -> bool:
+            agree = agreements.get(id(c.model))
+            if base_agree is not None and agree is not None and agree < base_agree - cfg.max_agreement_drop:
+                return False
             return c.sqnr >= floor
 
         # 1. profile the uniform variants; per-unit cost with its Q/DQ boundary and fused activation
@@ -373,7 +400,8 @@ class LatencyPlacement(Pass):
         costs: dict[str, dict[str, float]] = defaultdict(dict)
         kind_us: dict[str, dict[str, float]] = {}
         for v, c in uniform.items():
-            prof = profile(c.model, feed, runs=max(5, cfg.runs // 2), threads=cfg.threads).attribute(c.model)
+            prof = self.timer.profile(c.model, feed, Setting.of(cfg.threads), runs=max(5, cfg.runs // 2),
+                                      warmup=3).attribute(c.model)
             for u, us in self._unit_costs(c.model, prof).items():
                 if v == "int8" or c.assign.get(u) == v:
                     costs[u][v] = us
@@ -388,8 +416,14 @@ class LatencyPlacement(Pass):
         pool = [c for c in {id(c): c for c in pool}.values() if ok(c)]
         self._race(pool + [fp32], cfg)
         best = min(pool, key=lambda c: c.ms) if pool else base
+        start_wall = None
+        if best is not base and ok(base) and cfg.measure == "both":  # whole runs must not disagree
+            start_wall = self._wall_gain(base, best, feed)
+            if start_wall < 0:
+                best = base
         search: list[dict] = [{"step": "start", "candidates": [self._label(c) for c in pool + [fp32]],
-                               "ms": [round(c.ms, 3) for c in pool + [fp32]], "chosen": self._label(best)}]
+                               "ms": [round(c.ms, 3) for c in pool + [fp32]], "chosen": self._label(best),
+                               **({"wall_gain_vs_quantize_qdq": round(start_wall, 4)} if start_wall is not None else {})}]
 
         # 3. move whole op kinds while that helps
         by_kind: dict[str, list[str]] = defaultdict(list)
@@ -418,8 +452,11 @@ class LatencyPlacement(Pass):
                         self._race([best, c], cfg)
                         gain = min(gain, 1 - c.ms / best.ms)
                     step.update(ms=round(c.ms, 3), was=round(best.ms, 3), accepted=gain >= cfg.min_gain)
+                    if gain >= cfg.min_gain and cfg.measure == "both":  # whole runs must agree
+                        wall = self._wall_gain(best, c, feed)
+                        step.update(wall_gain=round(wall, 4), accepted=wall >= cfg.min_gain / 2)
                     search.append(step)
-                    if gain >= cfg.min_gain:
+                    if step["accepted"]:
                         best, moved = c, True
             if not moved:
                 break
@@ -429,13 +466,18 @@ class LatencyPlacement(Pass):
         self._race([best, fp32], cfg)
         if best.ms >= fp32.ms * (1 - cfg.min_gain / 2):
             self._race([best, fp32], cfg)
+        slower = best.ms >= fp32.ms * (1 - cfg.min_gain / 2)
+        if not slower and cfg.measure == "both":  # never slower than fp32 in whole runs either
+            wall = self._wall_gain(fp32, best, feed)
+            details["wall_gain_vs_fp32"] = round(wall, 4)
+            slower = wall <= 0
         details["latency_ms"] = {"placed": round(best.ms, 3), "fp32": round(fp32.ms, 3),
                                  "quantize-qdq": round(base.ms, 3) if base.times else None}
         details["speedup_vs_fp32"] = round(fp32.ms / best.ms, 3)
         details["sqnr_db"]["placed"] = round(best.sqnr, 2)
         details["search_seconds"] = round(time.perf_counter() - start, 1)
         assign = dict(best.assign)
-        if best.ms >= fp32.ms * (1 - cfg.min_gain / 2) or all(v == "float" for v in [assign.get(u, "int8")
+        if slower or all(v == "float" for v in [assign.get(u, "int8")
                                                                                       for u in self.units]):
             assign = {u: "float" for u in self.units}
         session = self._tune_session(assign, model, feed) if cfg.tune_session else {}
@@ -448,29 +490,32 @@ class LatencyPlacement(Pass):
     def _race(self, cands: list[_Candidate], cfg: LatencyPlacementConfig) -> None:
         """Time the candidates against each other (rounds alternate their order).
 
-        ``kernels``: the sum over ORT's kernels of each kernel's median time (its profiler): a run
+        ``kernels`` / ``both``: the sum over ORT's kernels of each kernel's median time (its profiler): a run
         in which another process took the core moves only that run's kernels, not the median.
         ``wall``: median wall-clock time per run, interleaved run by run.
         """
         feed = self._feeds(cands[0].model, cfg.batch_size)
-        if cfg.measure == "kernels":
+        timed = [c.as_timed() for c in cands]
+        if cfg.measure in ("kernels", "both"):
             for r in range(2):
-                for c in (cands if r % 2 == 0 else cands[::-1]):
-                    prof = profile(c.model, feed, runs=max(3, cfg.runs // 2), warmup=2, threads=c.threads,
-                                   opt_level=c.level, config=c.config)
-                    c.times.append(prof.kernel_us / 1000)
+                for c, t in (zip(cands, timed) if r % 2 == 0 else list(zip(cands, timed))[::-1]):
+                    self.timer.profile_kernels(t, feed)
+                    c.times.append(t.kernel_ms[-1])
                     c.floor = True
             return
-        for c in cands:
+        for t in timed:
+            t.wall_ms = []
+        self.timer.race_wall(timed, feed)
+        for c, t in zip(cands, timed):
             c.floor = False
-            if c.session is None:
-                c.session = make_session(c.model, c.threads, c.level, c.config)
-            c.session.run(None, feed)
-        for r in range(cfg.runs):
-            for c in (cands if r % 2 == 0 else cands[::-1]):
-                t0 = time.perf_counter()
-                c.session.run(None, feed)
-                c.times.append(1000 * (time.perf_counter() - t0))
+            c.times.extend(t.wall_ms)
+
+    def _wall_gain(self, old: _Candidate, new: _Candidate, feed) -> float:
+        """Share of ``old``'s interleaved wall-clock time that ``new`` saves (the confirming measure)."""
+        a, b = old.as_timed(), new.as_timed()
+        a.wall_ms, b.wall_ms = [], []
+        self.timer.race_wall([a, b], feed)
+        return 1 - b.wall / a.wall
 
     def _unit_costs(self, model: ir.Model, prof: Profile) -> dict[str, float]:
         """Attributed kernel time per unit: the op, the Relu/Clip fused into it, its DQ inputs and the Q of

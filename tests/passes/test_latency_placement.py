@@ -210,3 +210,60 @@ def test_int8_preset_has_placement_after_quantize():
     # the precision fallback's float islands come first, so placement times the model that ships
     assert types.index("latency-placement") == types.index("precision-fallback") + 1
     assert types.index("precision-fallback") == types.index("quantize-qdq") + 1
+
+
+class CostTimer:
+    """Stand-in for ORT's timings: per-node costs from the QDQ graph (an op reading a DequantizeLinear runs
+    as an integer kernel). Depthwise convs are slow in int8 here, by kernel times; ``wall`` may disagree."""
+
+    def __init__(self, dw_int8_wall: float = 3.0):
+        self.dw_int8_wall = dw_int8_wall
+
+    @staticmethod
+    def _costs(model, dw_int8: float) -> dict[str, float]:
+        out = {}
+        for i, n in enumerate(model.graph):
+            # integer kernel: its weight comes through a DequantizeLinear (a float op keeps a float weight)
+            integer = any((p := x.producer()) is not None and p.op_type == "DequantizeLinear"
+                          for x in n.inputs[1:2] if x is not None)
+            if n.op_type in ("Conv", "Gemm"):
+                dw = n.name == "conv_dw"
+                out[n.name] = (dw_int8 if dw else 1.0) if integer else (1.0 if dw else 3.0)
+            elif n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                out[n.name or f"#{i}"] = 0.0 if n.inputs[0].is_initializer() else 0.1
+            else:
+                out[n.name or f"#{i}"] = 0.05
+        return out
+
+    def profile(self, model, feed, setting, runs=None, warmup=2):
+        from onnxopt.profiling import Profile
+
+        costs = {k: 1000 * v for k, v in self._costs(model, 3.0).items()}
+        return Profile(kernels=costs, kernel_ops={k: "op" for k in costs}, run_us=sum(costs.values()), runs=1)
+
+    def profile_kernels(self, c, feed):
+        c.kernel_ms.append(sum(self._costs(c.model, 3.0).values()))
+
+    def race_wall(self, cands, feed):
+        for c in cands:
+            c.wall_ms.append(sum(self._costs(c.model, self.dw_int8_wall).values()))
+
+
+def test_decisions_follow_kernel_times_confirmed_by_wall_and_are_stable(tmp_path):
+    from onnxopt.timing import set_timer
+
+    cfg = {"min_macs": 0, "cache": False, "tune_session": False, "max_agreement_drop": 100}
+    with set_timer(CostTimer()):
+        runs = [_pipeline(cfg, tmp_path=tmp_path) for _ in range(2)]
+    first, second = (r.results[-1] for r in runs)
+    assert first.decisions == second.decisions  # same measurements, same placement
+    # the stub's costs: depthwise float, the pointwise conv and the Gemm integer (1.0 vs 3.0 a kernel)
+    assert first.decisions["conv_dw"] == "float" and first.decisions["conv_pw"] == first.decisions["fc"] == "int8"
+    assert runs[0].model.SerializeToString(deterministic=True) == runs[1].model.SerializeToString(deterministic=True)
+    # whole runs say the int8 depthwise conv is the cheaper one: the kernel-time choice is not confirmed
+    with set_timer(CostTimer(dw_int8_wall=0.2)):
+        r = _pipeline(cfg, tmp_path=tmp_path)
+    d = r.records[-1].details
+    assert r.results[-1].decisions["conv_dw"] != "float"
+    assert d["search"][0]["wall_gain_vs_quantize_qdq"] < 0
+    assert all(not s["accepted"] for s in d["search"][1:] if s.get("move", "").startswith("depthwise-conv -> float"))
