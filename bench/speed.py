@@ -38,6 +38,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     IMAGENET,
+    cpu_line,
     file_mb,
     imagenet_arrays,
     imagenet_calib_npz,
@@ -117,7 +118,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--work", type=Path, default=Path("/tmp/onnxopt-bench-speed"))
     ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--models", default="lite0,minilm", help="comma-separated: lite0, minilm")
     args = ap.parse_args()
+    print(cpu_line())
+    if "minilm" in args.models:
+        minilm(args.work / ("quick" if args.quick else "full") / "minilm", args.quick)
+    if "lite0" not in args.models:
+        return
     need(MODEL)
     n_calib, n_val, rounds = (20, 100, 8) if args.quick else (100, 650, 30)
     work = args.work / ("quick" if args.quick else "full")
@@ -196,6 +203,92 @@ def main() -> None:
     if placed_avx2:
         print(f"placement [avx2 scheme]: decisions {placed_avx2.get('decisions_by_kind')}; SQNR dB "
               f"{placed_avx2.get('sqnr_db')}; session {recorded_session(paths['onnxopt placed [avx2 scheme]'])}")
+
+
+# -- MiniLM: dynamic int8 against ORT's quantize_dynamic -----------------------------------------------
+def minilm(work: Path, quick: bool) -> None:
+    """MiniLM-L6 SST-2 at L=128 (128 real tokens, no padding): fp32, ORT's quantize_dynamic with ORT's
+    default session and with the session options onnxopt records (the same fusions turned off, so the
+    peer gets the same trick), onnxopt int8-dynamic with its measured layout and with every fusion kept."""
+    from common import MAX_LEN, TEXT, pad_ids, read_tsv, tokenize, write_text_npz
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from onnxopt.data import open_data
+    from onnxopt.model_io import load_model, save_model
+    from onnxopt.pass_infra import PassContext, PassManager
+    from onnxopt.recipe import load_preset
+
+    model_path = TEXT / "minilm_l6_sst2.onnx"
+    if not model_path.exists():
+        print(f"skipping MiniLM: {model_path} not found", file=sys.stderr)
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    calib = write_text_npz(TEXT / "sst2_calib.tsv", work / "sst2_calib_128.npz", n=128)
+    t0 = time.perf_counter()
+    paths: dict[str, Path] = {"fp32": model_path}
+    ort_path = work / "ort_dynamic.onnx"
+    quantize_dynamic(str(model_path), str(ort_path), weight_type=QuantType.QInt8)
+    for label, layout in (("onnxopt int8-dynamic", True), ("onnxopt int8-dynamic, all fused", False)):
+        recipe = load_preset("int8-dynamic")
+        # measured in this run, on this machine (no cache)
+        passes = [p.model_copy(update={"enabled": layout, "cache": False}) if p.type == "transformer-layout" else p
+                  for p in recipe.passes]
+        recipe = recipe.model_copy(update={"passes": passes})
+        m = load_model(model_path)
+        ctx = PassContext(calibration=open_data(str(calib), m, recipe.data))
+        out = work / f"int8_dynamic{'' if layout else '_fused'}.onnx"
+        save_model(PassManager(recipe.build_passes(ctx), check=False).run(m).model, out, force=True)
+        paths[label] = out
+    build_s = time.perf_counter() - t0
+    rec = recorded_session(paths["onnxopt int8-dynamic"])
+    ours_cfg = rec.get("session_config", {})
+    runs: dict[str, tuple[Path, dict]] = {
+        "fp32": (model_path, {}), "ORT quantize_dynamic": (ort_path, {}),
+        "ORT quantize_dynamic, onnxopt's session options": (ort_path, ours_cfg),
+        "onnxopt int8-dynamic": (paths["onnxopt int8-dynamic"], ours_cfg),
+        "onnxopt int8-dynamic, all fused": (paths["onnxopt int8-dynamic, all fused"], {}),
+    }
+
+    sentences, labels = read_tsv(TEXT / "sst2_dev.tsv")
+    n = 200 if quick else len(sentences)
+    ids, labels = tokenize(sentences[:n]), labels[:n]
+    preds = {}
+    for k, (p, cfg) in runs.items():
+        s = session(p, 2, cfg)
+        preds[k] = np.array([s.run(["logits"], pad_ids([x]))[0][0].argmax() for x in ids])
+    acc = {k: 100 * float(np.mean(v == labels)) for k, v in preds.items()}
+    agree = {k: 100 * float(np.mean(v == preds["fp32"])) for k, v in preds.items()}
+
+    body = [t for x in ids for t in x[1:-1]][: MAX_LEN - 2]
+    one = pad_ids([[ids[0][0], *body, ids[0][-1]]], MAX_LEN)
+    eight = {k: np.repeat(v, 8, 0) for k, v in one.items()}
+    rounds = 5 if quick else 15
+    settings = [(1, 1), (1, 2), (8, 1), (8, 2)]
+    lat = {}
+    for batch, threads in settings:
+        feed = one if batch == 1 else eight
+        lat[(batch, threads)] = interleaved_latency(
+            {k: (session(p, threads, cfg), feed) for k, (p, cfg) in runs.items()},
+            rounds=rounds if batch == 1 else max(rounds // 3, 2), per_round=3 if batch == 1 else 1)
+    from onnxopt.profiling import profile
+
+    kernel_ms = {k: min(profile(onnx.load(str(p)), one, runs=rounds, config=cfg).kernel_us for _ in range(2)) / 1000
+                 for k, (p, cfg) in runs.items()}
+    headers = ["model", "acc %", "agree %"]
+    for b, t in settings:
+        headers += [f"b{b} t{t} ms", "x fp32", "x ORT"]
+    headers += ["b1 t1 kernel ms", "MB"]
+    rows = []
+    for k, (p, _) in runs.items():
+        row = [k, round(acc[k], 2), round(agree[k], 2)]
+        for st in settings:
+            ms = lat[st][k]
+            row += [round(ms, 2), f"{lat[st]['fp32'] / ms:.2f}x", f"{lat[st]['ORT quantize_dynamic'] / ms:.2f}x"]
+        row += [round(kernel_ms[k], 2), round(file_mb(p), 1)]
+        rows.append(row)
+    print(f"\nMiniLM-L6 SST-2, L=128 (no padding), {n} dev sentences; models built in {build_s:.0f} s")
+    print(markdown_table(headers, rows))
+    print(f"onnxopt's recorded session options: {rec}")
 
 
 if __name__ == "__main__":
