@@ -65,8 +65,8 @@ from onnxopt.profiling import Profile, make_session, op_kinds
 from onnxopt.qdq import ANCHOR_OPS, COMPUTE_OPS, QuantizeQDQConfig, QuantizeQDQResult, QuantOverride
 from onnxopt.quant import shield_float_ops
 from onnxopt.registry import get_pass_class
-from onnxopt.timing import Setting, Timed, recorded_session, timer
 from onnxopt.runtime import run_batch
+from onnxopt.timing import Setting, Timed, recorded_session, timer
 
 Variant = Literal["int8", "int8-rr", "float"]
 VARIANTS: tuple[str, ...] = ("int8", "int8-rr", "float")
@@ -362,7 +362,7 @@ class LatencyPlacement(Pass):
             outs = [x for o in per_batch for x in o.values()]
             if classifier is not None and source_outputs[classifier] in names:
                 name = source_outputs[classifier]
-                hits = [np.argmax(r[classifier], 1) == np.argmax(o[name], 1) for r, o in zip(refs, per_batch)]
+                hits = [np.argmax(r[classifier], 1) == np.argmax(o[name], 1) for r, o in zip(refs, per_batch, strict=True)]
                 agreements[id(m)] = 100.0 * float(np.mean(np.concatenate(hits)))
             return _sqnr([r[source_outputs.index(n)] for r in refs for n in names], outs)
 
@@ -498,7 +498,7 @@ class LatencyPlacement(Pass):
         timed = [c.as_timed() for c in cands]
         if cfg.measure in ("kernels", "both"):
             for r in range(2):
-                for c, t in (zip(cands, timed) if r % 2 == 0 else list(zip(cands, timed))[::-1]):
+                for c, t in (zip(cands, timed, strict=True) if r % 2 == 0 else list(zip(cands, timed, strict=True))[::-1]):
                     self.timer.profile_kernels(t, feed)
                     c.times.append(t.kernel_ms[-1])
                     c.floor = True
@@ -506,7 +506,7 @@ class LatencyPlacement(Pass):
         for t in timed:
             t.wall_ms = []
         self.timer.race_wall(timed, feed)
-        for c, t in zip(cands, timed):
+        for c, t in zip(cands, timed, strict=True):
             c.floor = False
             c.times.extend(t.wall_ms)
 

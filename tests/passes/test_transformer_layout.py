@@ -10,10 +10,10 @@ import onnxruntime as ort
 import pytest
 from helpers import init, make_model, rand, vi
 from onnx import helper
+from onnxopt.passes.transformer_layout import DISABLE_KEY, TransformerLayout, unfuse
 
 from onnxopt.model_io import as_ir, to_proto
 from onnxopt.pass_infra import PassContext
-from onnxopt.passes.transformer_layout import DISABLE_KEY, TransformerLayout, unfuse
 from onnxopt.timing import METADATA_KEY, Timer, set_timer
 
 H = 16
