@@ -130,7 +130,8 @@ def main() -> None:
     work = args.work / ("quick" if args.quick else "full")
     if args.rebuild and work.exists():
         for f in work.iterdir():
-            f.unlink()
+            if f.is_file():
+                f.unlink()
     work.mkdir(parents=True, exist_ok=True)
     calib = imagenet_calib_npz(work / f"calib{n_calib}.npz", n_calib)
 
