@@ -124,6 +124,10 @@ class QuantizeQDQConfig(PassConfig):
     bias_correction: Literal["auto", "on", "off"] = Field(
         "auto", description="shift biases by the mean error weight rounding causes on the calibration data "
         "(auto: when calibration data is given)")
+    bias_type: Literal["auto", "int32", "float"] = Field(
+        "auto", description="bias of Conv/Gemm/MatMul: int32 at input x weight scale (what ORT's 8-bit integer "
+        "kernels take), or float (kept float: 16-bit activations, whose int32 bias would overflow, and targets "
+        "that want float biases); auto: int32 for 8-bit activations, float otherwise")
     check_kernels: bool = Field(True, description="read back ORT's optimized graph and report integer kernels")
 
 

@@ -1021,7 +1021,11 @@ class _Quantizer:
         n_out = {"Conv": w.shape[0], "ConvTranspose": w.shape[1] * group,
                  "Gemm": w.shape[0] if attr(n, "transB", 0) else w.shape[1]}.get(op)
         b = None
-        quantize_bias_too = s.activation_type != "float"
+        # int32 bias only where it fits: at a 16-bit input scale (256x finer) a real bias overflows int32
+        int_bias = self.cfg.bias_type == "int32" or (self.cfg.bias_type == "auto"
+                                                     and s.activation_type in ("uint8", "int8"))
+        quantize_bias_too = s.activation_type != "float" and int_bias
+        beta_folded = False
         correct = self._bias_correction(a, w) if n_out is not None else None
         if a.bias_slot is not None:
             b = idx.constant(a.inputs[a.bias_slot]).astype(np.float32).reshape(-1)
@@ -1031,8 +1035,11 @@ class _Quantizer:
                 if beta != 1.0 and (quantize_bias_too or correct is not None):
                     b = b * np.float32(beta)
                     set_attr(n, "beta", 1.0)
+                    beta_folded = True
                 b = np.broadcast_to(b, (n_out,)).astype(np.float32)
-        s_in = np.float32(params[a.inputs[a.act_slots[0]]][0]) if quantize_bias_too and a.act_slots else None
+        act_scale = (np.float32(params[a.inputs[a.act_slots[0]]][0])
+                     if s.activation_type != "float" and a.act_slots else None)
+        s_in = act_scale if quantize_bias_too else None
 
         def per_output(sc: np.ndarray) -> np.ndarray:  # weight scales -> one per output channel
             if axis is None:
@@ -1066,10 +1073,19 @@ class _Quantizer:
                          const(zps.astype(qtype(wt).numpy_dtype), f"{base}_zero_point")], base, **dq_attrs)
         n.replace_input_with(a.weight_slot, out)
         replaced.append(wname)
+        w_rank = w.ndim
         del w, qw
 
+        # A float bias on a Conv/Gemm between DequantizeLinears is quantized to int32 by ORT itself at load,
+        # saturating where it does not fit (a 16-bit input scale): such a bias goes to an Add after the op.
+        if (bias is not None and s_in is None and act_scale is not None and op in ("Conv", "Gemm")
+                and np.any(np.abs(bias) >= 0.5 * 2.0 ** 31 * act_scale * per_output(scales))):
+            self._bias_after(n, op, bias, label, const, w_rank)
+            if a.bias_slot is not None:
+                replaced.append(a.inputs[a.bias_slot])
+            bias = None
         bias_name = None
-        if bias is not None and (s_in is not None or correct is not None):
+        if bias is not None and (s_in is not None or correct is not None or beta_folded):
             bias_name = a.inputs[a.bias_slot] if a.bias_slot is not None else f"{label}_bias"
             if s_in is not None:  # int32, scale = input scale x weight scale, zero point 0
                 bq, bscale = quantize_bias(bias, float(s_in), per_output(scales))
@@ -1091,6 +1107,27 @@ class _Quantizer:
             tensor=wname, dtype=wt, axis=axis, scales=tuple(float(x) for x in np.ravel(scales)),
             zero_points=tuple(int(x) for x in np.ravel(zps)), reduce_range=reduce, bias=bias_name,
             bias_scales_raised=raised, bias_corrected=correct is not None, mse_clipped=mse)
+
+    def _bias_after(self, n: ir.Node, op: str, bias: np.ndarray, label: str, const, w_rank: int) -> None:
+        """``op(x, w) + bias`` as the op without its bias followed by an Add (same value, same name)."""
+        g = self.graph
+        if len(n.inputs) > 2:
+            n.replace_input_with(2, None)
+            n.resize_inputs(2)
+        shape = (-1,) + (1,) * (w_rank - 2) if op == "Conv" else (-1,)
+        b = const(bias.astype(np.float32).reshape(shape), f"{label}_bias_float")
+        out = n.outputs[0]
+        add = make_node("Add", [None, b], outputs=[self.namer.unique(f"{out.name}_before_bias")],
+                        name=self.namer.unique(f"{label}_bias_add"))
+        g.insert_after(n, add)
+        # the Add takes over the op's output value (its readers, graph-output place and name stay put)
+        inner = add.outputs[0]
+        inner_name, out_name = inner.name, out.name
+        ir.convenience.replace_all_uses_with(out, inner, replace_graph_outputs=True)
+        out.name, inner.name = f"{out_name}__tmp", out_name
+        out.name = inner_name
+        add.replace_input_with(0, out)
+        self.index.refresh()
 
     # -- bias correction -------------------------------------------------------------------------
     def _bias_correction(self, a: _Anchor, w: np.ndarray):
