@@ -148,9 +148,14 @@ def count_macs(model: ir.Model | onnx.ModelProto) -> int | None:
     except Exception:  # noqa: BLE001 - unknown shapes: the caller measures instead
         return None
     shapes: dict[str, list[int]] = {}
+    for v in g.input:  # unknown sizes beyond the batch (dynamic H/W, sequence): the count means nothing
+        dims = v.type.tensor_type.shape.dim if v.type.HasField("tensor_type") else []
+        if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in list(dims)[1:]):
+            return None
     for v in list(g.input) + list(g.value_info) + list(g.output):
         if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else 1 for d in v.type.tensor_type.shape.dim]
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
+                              for d in v.type.tensor_type.shape.dim]  # -1 / 0 / symbolic batch: 1
     for name, value in model.graph.initializers.items():
         if value.const_value is not None:
             shapes[name] = list(value.const_value.shape.numpy())
@@ -385,9 +390,13 @@ class LatencyPlacement(Pass):
             details["top1_agreement"] = {"quantize-qdq": round(base_agree, 2),
                                          "floor": round(base_agree - cfg.max_agreement_drop, 2)}
 
+        # one sample is the finest step the guard can see: losing a single sample is not a trend
+        agree_step = 100.0 / max(1, sum(len(next(iter(b.values()))) for b in acc_batches)) + 1e-9
+
         def ok(c: _Candidate) -> bool:
             agree = agreements.get(id(c.model))
-            if base_agree is not None and agree is not None and agree < base_agree - cfg.max_agreement_drop:
+            if (base_agree is not None and agree is not None
+                    and agree < base_agree - max(cfg.max_agreement_drop, agree_step)):
                 return False
             return c.sqnr >= floor
 
