@@ -84,7 +84,7 @@ class LatencyPlacementConfig(PassConfig):
         None, description="node name -> int8 / int8-rr / float; fixes the placement (nothing is timed; "
         "unlisted quantized nodes stay int8)")
     variants: list[Variant] = Field(default_factory=lambda: list(VARIANTS), description="choices to consider")
-    min_macs: int = Field(50_000_000, ge=0, description="models with fewer multiply-adds (batch 1) are too "
+    min_macs: int = Field(5_000_000, ge=0, description="models with fewer multiply-adds (batch 1) are too "
                           "fast to time reliably: keep the quantize-qdq placement")
     batch_size: int = Field(1, gt=0, description="batch the latency is measured at")
     threads: int = Field(1, gt=0, description="intra-op threads the latency is measured with")
@@ -140,22 +140,26 @@ def _cache_dir(context_dir: Path | None) -> Path:
     return Path(base) / "onnxopt" / "placement"
 
 
-def count_macs(model: ir.Model | onnx.ModelProto) -> int | None:
-    """Multiply-adds of Conv/ConvTranspose/Gemm/MatMul at batch 1 (symbolic dims = 1); None if unknown."""
+def count_macs(model: ir.Model | onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> int | None:
+    """Multiply-adds of Conv/ConvTranspose/Gemm/MatMul at batch 1 (symbolic dims = 1, or the sizes of
+    ``input_shapes``: the data the model will be timed on); None if unknown."""
     model = as_ir(model)
+    if input_shapes:
+        model = clone_model(model)
+        for v in model.graph.inputs:
+            if v.name in input_shapes:
+                v.shape = ir.Shape([1, *input_shapes[v.name][1:]])
     try:
         g = infer(model, strict=False).graph
     except Exception:  # noqa: BLE001 - unknown shapes: the caller measures instead
         return None
     shapes: dict[str, list[int]] = {}
-    for v in g.input:  # unknown sizes beyond the batch (dynamic H/W, sequence): the count means nothing
-        dims = v.type.tensor_type.shape.dim if v.type.HasField("tensor_type") else []
-        if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in list(dims)[1:]):
-            return None
     for v in list(g.input) + list(g.value_info) + list(g.output):
         if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-            shapes[v.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
-                              for d in v.type.tensor_type.shape.dim]  # -1 / 0 / symbolic batch: 1
+            dims = list(v.type.tensor_type.shape.dim)
+            # the batch may be symbolic (counted as 1); any other unknown size makes the count unknown
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (1 if i == 0 else -1)
+                              for i, d in enumerate(dims)]
     for name, value in model.graph.initializers.items():
         if value.const_value is not None:
             shapes[name] = list(value.const_value.shape.numpy())
@@ -167,8 +171,8 @@ def count_macs(model: ir.Model | onnx.ModelProto) -> int | None:
         a = shapes.get(names[0]) if names else None
         w = shapes.get(names[1]) if len(names) > 1 else None
         y = shapes.get(n.outputs[0].name)
-        if w is None or y is None or a is None:
-            return None
+        if w is None or y is None or a is None or min(a + w + y, default=1) < 0:
+            return None  # unknown: the caller measures rather than guess "too small"
         if n.op_type == "Conv":
             total += math.prod(y) * math.prod(w[1:])
         elif n.op_type == "ConvTranspose":
@@ -233,7 +237,11 @@ class LatencyPlacement(Pass):
                 details["mode"] = f"cached ({cache_file.name})"
                 return self._finish(model, assign, details, measured=False, session=session)
 
-        macs = count_macs(self.q.source)
+        try:  # counted at the sizes it will be timed at (dynamic H/W or sequence: the calibration data's)
+            shapes = {k: np.shape(v) for k, v in self._feeds(model, 1).items()}
+        except Exception:  # noqa: BLE001 - no usable sample: count with symbolic dims = 1
+            shapes = None
+        macs = count_macs(self.q.source, shapes)
         if macs is not None and macs < cfg.min_macs:
             details["mode"] = (f"static: {macs / 1e6:.1f} M multiply-adds < min_macs {cfg.min_macs / 1e6:.0f} M "
                                "(too fast to time reliably); quantize-qdq placement kept")
