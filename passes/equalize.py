@@ -9,7 +9,11 @@ expand -> depthwise -> project) is the second layer of one pair and the first of
 all pairs are repeated until the scales settle.
 
 Relu6 (Clip(0, 6)) is homogeneous only with a per-channel bound: ``clip: per-channel`` rewrites it as
-Relu + Min(bound_i) (exact), ``clip: relu`` replaces it by Relu (what AIMET does; exact only while no value
+Relu + Min(bound_i) (exact; but the quantizer then rounds the unbounded Relu output, which costs Lite0 7 dB),
+``clip: calibrated`` (with calibration data) scales the channels that reach the bound on the calibration data
+to one common bound B and the others to at most B / clip_headroom, so that Clip(0, B) is exact on that data
+and stays one op the quantizer fuses into the layer - but not beyond it: on EfficientNet-Lite0 the float
+model equalized so from 32 images keeps 13.8 dB on 68 others), ``clip: relu`` replaces it by Relu (what AIMET does; exact only while no value
 reaches the bound, so the check below measures it against the original float model), ``clip: skip`` leaves
 such pairs alone. Hard-swish, SiLU, Sigmoid and the like are not homogeneous: their pairs are skipped (counted).
 
@@ -20,9 +24,12 @@ calibration data (the paper's BatchNorm-derived bound is gone once BN is folded)
 with a note.
 
 ``only_if_better`` (default): the pass quantizes both the original and the equalized model as the int8
-preset would (calibrate on ``samples`` calibration samples, quantize-qdq defaults) and keeps the equalized one
-only when its output SQNR against the original float model is higher; per-layer SQNR of both goes into the
-result. Without calibration data the criterion is the weights' own: the mean ratio of the largest to the
+preset would (calibrate on the first ``samples`` calibration samples, quantize-qdq defaults) and keeps the
+equalized one only when its output SQNR against the original float model, on the next ``samples`` samples
+(held out: the statistics came from the first ones), is higher; per-layer SQNR of both goes into the result.
+Measured: the PP-OCR direction classifier (6 Relu pairs) is kept; EfficientNet-Lite0 (34 pairs, all through
+Relu6) is not - with per-channel weights and Relu6 bounds it loses (per-channel: 25.4 -> 16.4 dB; calibrated:
+24.7 -> 1.5 dB), so the model is left as it was. Without calibration data the criterion is the weights' own: the mean ratio of the largest to the
 median channel range of the layers it touches (what per-tensor weight grids suffer from) must go down.
 """
 
@@ -38,6 +45,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from onnxopt.activations import output_sqnr, sample_batches
+from onnxopt.data import Feed, samples_in
 from onnxopt.graph import (
     Namer,
     add_initializer,
@@ -52,6 +60,7 @@ from onnxopt.graph import (
     only_use,
     own_initializer,
     replace_node,
+    set_attr,
 )
 from onnxopt.pass_infra import Pass, PassConfig, PassContext, PassManager, PassResult
 from onnxopt.runtime import make_session, run_batch
@@ -66,9 +75,15 @@ FLOATS = (np.float32, np.float64)
 class EqualizeConfig(PassConfig):
     type: Literal["equalize"] = "equalize"
     iterations: int = Field(8, ge=1, le=100, description="sweeps over all pairs (stops earlier when settled)")
-    clip: Literal["per-channel", "relu", "skip"] = Field(
-        "per-channel", description="Clip(0, M) between a pair: per-channel bound as Relu + Min (exact), Relu "
-        "(drops the bound), or no equalization through it")
+    clip: Literal["per-channel", "calibrated", "relu", "skip"] = Field(
+        "per-channel", description="Clip(0, M) between a pair: per-channel bound as Relu + Min (exact); "
+        "calibrated (needs calibration data): one bound again, the channels that reach M on the calibration "
+        "data scaled to the same bound and the others to at most 1/clip_headroom of it - exact on that data "
+        "only, and the quantizer fuses it; Relu (drops the bound); or no equalization through it")
+    clip_headroom: float = Field(
+        2.0, ge=1.0, description="clip: calibrated - a channel that stays below the bound on the calibration data "
+        "is scaled to at most 1/headroom of the common bound (values the data did not show are clipped only "
+        "beyond headroom x its observed maximum)")
     balance: Literal["auto", "weights", "activations"] = Field(
         "auto", description="what channel i is balanced on: the first layer's weight range (DFQ), or the "
         "activation's range on the calibration data against the second layer's weights (per-channel weight "
@@ -76,7 +91,8 @@ class EqualizeConfig(PassConfig):
     max_scale: float = Field(100.0, gt=1, description="channel scales limited to [1/max_scale, max_scale]")
     absorb_bias: bool = Field(True, description="high-bias absorption through Relu (needs calibration data)")
     only_if_better: bool = Field(True, description="keep the result only when the measured error goes down")
-    samples: int = Field(16, gt=0, description="calibration samples for the statistics and the check")
+    samples: int = Field(32, gt=0, description="calibration samples for the statistics and the trial "
+                         "calibration; the check runs on the next as many (held out) when there are")
     min_gain_db: float = Field(0.0, ge=0, description="output SQNR gain needed to keep the equalized model")
 
 
@@ -317,6 +333,31 @@ def _act_range(p: _Pair, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.minimum(np.maximum(hi, 0), top)
 
 
+def _bounded(p: _Pair) -> bool:
+    return is_op(p.act, "Clip") and math.isfinite(_clip_bounds(p.act)[1])
+
+
+def _saturated(p: _Pair, top: np.ndarray) -> np.ndarray:
+    """Channels whose (original) pre-activation reaches the Clip's bound on the calibration data."""
+    return top >= _clip_bounds(p.act)[1]
+
+
+def _common_bound(p: _Pair, s: np.ndarray, top: np.ndarray, headroom: float, limit: float) -> np.ndarray:
+    """``s`` changed so that every saturated channel ends at the same bound B (= the largest post-activation
+    range) and every other channel's observed range at or below B / headroom: Clip(0, B) is then exact on the
+    calibration data. ``top``: each channel's observed maximum before any scaling."""
+    m = _clip_bounds(p.act)[1]
+    t = p.scale / s  # each channel's total scale after this step
+    sat = _saturated(p, top)
+    if not sat.any():
+        return s
+    seen = np.maximum(top, 0)
+    bound = float(max((m * t[sat]).max(), headroom * (seen[~sat] * t[~sat]).max(initial=0.0)))
+    t = np.where(sat, bound / m, t)
+    t = np.where(~sat & (seen * t * headroom > bound), bound / (headroom * np.maximum(seen, 1e-30)), t)
+    return p.scale / (t / max(1.0, float(t.max()) / limit))  # all alike: the common bound survives
+
+
 def _unpadded(node: ir.Node) -> bool:
     if node.op_type != "Conv":
         return True
@@ -341,7 +382,12 @@ class Equalize(Pass):
             return self._unchanged(model, start, ["the model is already quantized: equalization goes before "
                                                   "calibration and quantization"], 0)
         original = clone_model(model) if cfg.only_if_better else None
-        pairs, skipped = _find_pairs(model.graph, cfg.clip)
+        clip_mode = cfg.clip
+        if clip_mode == "calibrated" and self.context.calibration is None:
+            notes.append("clip: calibrated needs calibration data; per-channel bounds used")
+            clip_mode = "per-channel"
+        self._clip_mode = clip_mode
+        pairs, skipped = _find_pairs(model.graph, clip_mode)
         for op, k in sorted(skipped.items()):
             why = ("Clip that is not Clip(0, M)" if op == "Clip" and cfg.clip != "skip"
                    else "Clip(0, M) (clip: skip)" if op == "Clip" else f"{op} (not positively homogeneous)")
@@ -365,9 +411,11 @@ class Equalize(Pass):
         if balance == "activations" and not have_data:
             notes.append("balance: activations needs calibration data; balanced on weights")
             balance = "weights"
-        stats = self._stats(model, pairs) if have_data and (balance == "activations" or cfg.absorb_bias) else {}
+        stats = self._stats(model, pairs) if have_data else {}
+        self._stats_seen = stats
         ratio_before = self._range_ratio(pairs, arrays)
-        sweeps = self._equalize(pairs, arrays, cfg, stats if balance == "activations" else None)
+        sweeps = self._equalize(pairs, arrays, cfg, stats if balance == "activations" else None,
+                                stats if clip_mode == "calibrated" else None)
         ratio_after = self._range_ratio(pairs, arrays)
 
         absorbed = 0
@@ -384,7 +432,7 @@ class Equalize(Pass):
         details: dict[str, Any] = {
             "pairs": len(pairs), "balance": balance, "sweeps": sweeps, "absorbed_channels": absorbed,
             "range_ratio_before": round(ratio_before, 3), "range_ratio_after": round(ratio_after, 3)}
-        if cfg.clip == "relu" and any(is_op(p.act, "Clip") for p in pairs):
+        if clip_mode == "relu" and any(is_op(p.act, "Clip") for p in pairs):
             notes.append("Relu6 replaced by Relu between equalized layers (clip: relu)")
         if cfg.only_if_better:
             keep, check = self._check(original, model, ratio_before, ratio_after)
@@ -409,7 +457,8 @@ class Equalize(Pass):
     # -- scales ----------------------------------------------------------------------------------
     @staticmethod
     def _equalize(pairs: list[_Pair], arrays: dict[int, np.ndarray], cfg: EqualizeConfig,
-                  stats: dict[str, tuple[np.ndarray, np.ndarray]] | None) -> int:
+                  stats: dict[str, tuple[np.ndarray, np.ndarray]] | None,
+                  clip_stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> int:
         """Sweeps over the pairs until the scales settle; ``stats``: balance activation ranges (per-channel
         [min, max] of each first layer's output) instead of the first layer's weights."""
         for p in pairs:
@@ -440,6 +489,8 @@ class Equalize(Pass):
                         u[ok] *= a[ok].max() / (a[ok] * u[ok]).max()  # the tensor's range stays put
                     s = 1.0 / u
                 s = p.scale / np.clip(p.scale / s, lo, hi)  # the channel's total scale t stays in [lo, hi]
+                if clip_stats is not None and _bounded(p):
+                    s = _common_bound(p, s, clip_stats[p.first.out.name][1], cfg.clip_headroom, hi)
                 arrays[id(p.first.weight)] = _scale_out(p.first, w1, 1.0 / s)
                 if p.first.bias is not None:
                     b = arrays[id(p.first.bias)]
@@ -552,6 +603,7 @@ class Equalize(Pass):
                 dead_consts.append(producer)
         for n in dead_consts:
             g.remove(n, safe=True)
+        dead_consts = []
         clip_inputs: set[str] = set()
         for p in pairs:
             if not is_op(p.act, "Clip"):
@@ -560,11 +612,24 @@ class Equalize(Pass):
             if not math.isfinite(hi):
                 continue
             clip_inputs |= {x.name for x in p.act.inputs[1:] if x is not None and x.name}
+            old_inputs = [x for x in p.act.inputs[1:] if x is not None]
             name = p.act.name or "clip"
             relu = make_node("Relu", [p.act.inputs[0]], outputs=[namer.unique(f"{p.act.outputs[0].name}_relu")],
                              name=namer.unique(f"{name}_relu"))
-            if cfg.clip == "relu":
+            if self._clip_mode == "relu":
                 replace_node(p.act, [relu], [relu.outputs[0]])
+                continue
+            bound = self._one_bound(p)
+            if bound is not None:  # Clip(0, B), exact on the calibration data
+                b = add_initializer(g, np.array(bound, constant_tensor(p.first.weight).dtype.numpy()),
+                                    f"{name}_max", namer)
+                if len(p.act.inputs) > 1:
+                    if len(p.act.inputs) < 3:
+                        p.act.resize_inputs(3)
+                    p.act.replace_input_with(2, b)
+                else:  # opset < 11: attributes
+                    set_attr(p.act, "max", float(bound))
+                dead_consts += [x.producer() for x in old_inputs if x.producer() is not None and not x.uses()]
                 continue
             if np.allclose(p.scale, 1.0, rtol=0, atol=0):
                 continue
@@ -575,7 +640,28 @@ class Equalize(Pass):
             mn = make_node("Min", [relu.outputs[0], c], outputs=[namer.unique(f"{p.act.outputs[0].name}_min")],
                            name=namer.unique(f"{name}_min"))
             replace_node(p.act, [relu, mn], [mn.outputs[0]])
+        for n in dict.fromkeys(dead_consts):
+            if n.graph is g and not any(o.uses() or o.is_graph_output() for o in n.outputs):
+                g.remove(n, safe=True)
         drop_unused_initializers(g, clip_inputs)
+
+    def _one_bound(self, p: _Pair) -> float | None:
+        """The common bound B of a calibrated Clip, when every saturated channel ended exactly at it."""
+        if self._clip_mode != "calibrated" or p.first.out.name not in self._stats_seen:
+            return None
+        m = _clip_bounds(p.act)[1]
+        top = self._stats_seen[p.first.out.name][1]
+        sat = _saturated(p, top)
+        bounds = m * p.scale
+        post = np.minimum(np.maximum(top, 0), m) * p.scale
+        b = float(bounds[sat].max()) if sat.any() else float(post.max()) if post.size else m
+        if sat.any() and not np.allclose(bounds[sat], b, rtol=1e-5, atol=0):
+            return None  # a scale limit broke the common bound: per-channel bounds instead
+        if np.any(post > b * (1 + 1e-6)):
+            return None
+        # nothing reached the bound: any B between the largest observed value and the smallest scaled bound
+        # is exact on the data; the larger clips less of what the data did not show
+        return b if sat.any() else max(b, float((bounds).min()))
 
     # -- the check -------------------------------------------------------------------------------
     def _check(self, original: ir.Model, model: ir.Model, ratio_before: float, ratio_after: float
@@ -588,7 +674,7 @@ class Equalize(Pass):
         from onnxopt.localize import localize
 
         data = self.context.calibration
-        batches = sample_batches(original, data, cfg.samples)
+        batches, held_out = held_out_batches(original, data, cfg.samples)
         ref = make_session(original, threads=None, what="float model")
         names = [o.name for o in ref.get_outputs()]
         reference = [list(run_batch(ref, b, names).values()) for b in batches]
@@ -604,16 +690,42 @@ class Equalize(Pass):
             s = make_session(q, threads=None, what=f"int8 trial ({label})")
             out[f"sqnr_db_{label}"] = round(output_sqnr(
                 reference, [list(run_batch(s, b, names).values()) for b in batches]), 2)
-            loc = localize(float_model, q, Fixed(), max_samples=cfg.samples)
+            loc = localize(float_model, q, Fixed(), max_samples=sum(samples_in(b) for b in batches))
             for x in loc.layers:
                 if x.op_type in LAYERS:
                     layer_sqnr.setdefault(x.tensor, [math.nan, math.nan])[0 if label == "before" else 1] = round(
                         x.sqnr_db, 2)
         out["layer_sqnr_db"] = layer_sqnr
         gain = out["sqnr_db_after"] - out["sqnr_db_before"]
+        n = sum(samples_in(b) for b in batches)
         out["criterion"] = (f"int8 trial output SQNR {out['sqnr_db_before']} -> {out['sqnr_db_after']} dB on "
-                            f"{sum(1 for _ in batches)} calibration batch(es)")
+                            + (f"{n} held-out calibration samples" if held_out else
+                               f"the {n} calibration samples it was derived from (too few to hold some out)"))
         return gain > cfg.min_gain_db, out
+
+
+def tail(batch: dict, k: int) -> dict:
+    """The last ``k`` samples of a batch (a feed is one sample: whole)."""
+    if isinstance(batch, Feed):
+        return batch
+    return {name: v[-k:] for name, v in batch.items()}
+
+
+def held_out_batches(model: ir.Model, data, n: int) -> tuple[list[dict], bool]:
+    """About ``n`` calibration samples after the first ``n`` (which the statistics and the trial calibration
+    use), so the check sees data the equalization was not fitted to; the first ``n`` when there are no more."""
+    batches = sample_batches(model, data, 2 * n)
+    out, got = [], 0
+    for b in batches:
+        k = samples_in(b)
+        if got >= n:
+            out.append(b)
+        elif got + k > n:  # a batch across the boundary: its later rows
+            out.append(tail(b, got + k - n))
+        got += k
+    if out:
+        return out, True
+    return sample_batches(model, data, n), False
 
 
 def quick_int8(model: ir.Model, data, samples: int, context: PassContext) -> ir.Model:

@@ -220,7 +220,7 @@ def test_without_calibration_the_weight_range_ratio_decides():
 def test_activation_balance_gives_a_depthwise_reader_equal_channel_ranges():
     model = mobilenet_block()
     calib = _feeds(model, scale=0.2, n=16, seed=5)
-    out, rec = _equalize(model, calib=calib, max_scale=1e4, absorb_bias=False)
+    out, rec = _equalize(model, calib=calib, max_scale=1e4, absorb_bias=False, clip="per-channel")
     assert rec.details["balance"] == "activations"
     probe = to_proto(exposed(out, ["e6"], keep_outputs=False))
     e6 = ort_run(probe, calib)[0]
@@ -232,3 +232,30 @@ def test_activation_balance_gives_a_depthwise_reader_equal_channel_ranges():
     assert base[live].min() < 0.25 * base[live].max()  # (it did not before)
     feeds = _feeds(model, seed=2)
     np.testing.assert_allclose(ort_run(out, feeds)[0], ort_run(model, feeds)[0], **TOL)
+
+
+def test_calibrated_clip_keeps_one_bound_exact_on_the_calibration_data():
+    model = mobilenet_block()
+    calib = _feeds(model, scale=0.5, n=16, seed=6)
+    out, rec = _equalize(model, calib=calib, max_scale=1e4, absorb_bias=False, clip="calibrated")
+    assert ops(out) == {"Conv": 3, "Clip": 2}  # still one Clip each, which the quantizer fuses
+    np.testing.assert_allclose(ort_run(out, calib)[0], ort_run(model, calib)[0], rtol=1e-4, atol=1e-4)
+    w = _weights(out)
+    clips = [n for n in out.graph.node if n.op_type == "Clip"]
+    pre = ort_run(to_proto(exposed(model, ["e"], keep_outputs=False)), calib)[0].max(axis=(0, 2, 3))
+    assert (pre >= 6).any() and (pre < 6).any()  # some channels reach Relu6's bound on this data, some not
+    e6 = ort_run(to_proto(exposed(out, ["e6"], keep_outputs=False)), calib)[0].max(axis=(0, 2, 3))
+    bound = float(w[clips[0].input[2]])
+    # the expand output feeds a depthwise conv: the channels that reach Relu6's bound end at the one bound,
+    # the others at half of it (headroom 2: what the data did not show is clipped only beyond 2x its maximum)
+    np.testing.assert_allclose(e6[pre >= 6], bound, rtol=1e-4)
+    np.testing.assert_allclose(e6[(pre > 0) & (pre < 6)], bound / 2, rtol=1e-4)
+
+
+def test_the_check_holds_samples_out_when_there_are_enough():
+    model = compensated()
+    calib = _feeds(model, scale=1.0, n=24, seed=4)
+    _, rec = _equalize(model, calib=calib, only_if_better=True, samples=12)
+    assert "on 12 held-out calibration samples" in rec.details["criterion"]
+    _, rec = _equalize(model, calib={"x": calib["x"][:12]}, only_if_better=True, samples=12)
+    assert "too few to hold some out" in rec.details["criterion"]
