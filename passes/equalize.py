@@ -54,7 +54,6 @@ from onnxopt.graph import (
     constant_tensor,
     constant_value,
     drop_unused_initializers,
-    is_initializer,
     is_op,
     make_node,
     only_use,
