@@ -255,6 +255,38 @@ def _md_table(headers: list[str], rows: list[list[Any]], right: set[int] | None 
 
 
 _ICON = {"pass": "✅", "fail": "❌", "skip": "⏭️"}
+RECOVERY_LAYERS = 12  # per-layer rows shown per recovery step (the largest changes)
+
+
+def _recovery_lines(pipeline: PipelineResult) -> list[str]:
+    """Accuracy-recovery steps: a pass whose details hold ``layer_sqnr_db`` ({tensor: [before, after]}) gets its
+    output SQNR before/after, its time, and the layers whose SQNR changed most."""
+    lines: list[str] = []
+    for r in pipeline.records:
+        layers = r.details.get("layer_sqnr_db")
+        if not isinstance(layers, dict) or not layers:
+            continue
+        if not lines:
+            lines += ["## Accuracy recovery", ""]
+        before, after = r.details.get("sqnr_db_before"), r.details.get("sqnr_db_after")
+        kept = "kept" if r.modified else "not kept"
+        lines.append(f"**{_md_cell(r.name)}** ({kept}, {r.seconds:.1f} s): output SQNR {fmt(before)} → {fmt(after)} dB"
+                     + (f"; {_md_cell(r.details['criterion'])}" if r.details.get("criterion") else ""))
+        lines.append("")
+        rows = sorted(layers.items(), key=lambda kv: -abs(_delta(kv[1])))[:RECOVERY_LAYERS]
+        lines += _md_table(["layer output", "SQNR before (dB)", "after (dB)", "change"],
+                           [[t, fmt(b), fmt(a), f"{_delta([b, a]):+.2f}"] for t, (b, a) in rows])
+        lines.append("")
+    return lines
+
+
+def _delta(pair) -> float:
+    b, a = pair
+    try:
+        d = float(a) - float(b)
+    except (TypeError, ValueError):
+        return 0.0
+    return d if d == d else 0.0  # NaN (a layer one side lacks) sorts last
 
 
 def markdown_report(*, validation: ValidationReport | None = None, pipeline: PipelineResult | None = None,
@@ -310,6 +342,7 @@ def markdown_report(*, validation: ValidationReport | None = None, pipeline: Pip
         else:
             lines.append("No passes ran.")
         lines.append("")
+        lines += _recovery_lines(pipeline)
 
     if v is not None:
         lines += ["## Validation gate", ""]

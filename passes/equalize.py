@@ -668,7 +668,7 @@ class Equalize(Pass):
         cfg: EqualizeConfig = self.config  # type: ignore[assignment]
         if self.context.calibration is None:
             return ratio_after < ratio_before, {
-                "criterion": f"weight range ratio {ratio_before:.2f} -> {ratio_after:.2f} (no calibration data: "
+                "criterion": f"weight range ratio {ratio_before:.2f} → {ratio_after:.2f} (no calibration data: "
                              "activation ranges not measured)"}
         from onnxopt.localize import localize
 
@@ -697,7 +697,7 @@ class Equalize(Pass):
         out["layer_sqnr_db"] = layer_sqnr
         gain = out["sqnr_db_after"] - out["sqnr_db_before"]
         n = sum(samples_in(b) for b in batches)
-        out["criterion"] = (f"int8 trial output SQNR {out['sqnr_db_before']} -> {out['sqnr_db_after']} dB on "
+        out["criterion"] = (f"int8 trial output SQNR {out['sqnr_db_before']} → {out['sqnr_db_after']} dB on "
                             + (f"{n} held-out calibration samples" if held_out else
                                f"the {n} calibration samples it was derived from (too few to hold some out)"))
         return gain > cfg.min_gain_db, out

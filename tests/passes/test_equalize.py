@@ -289,3 +289,20 @@ def parse_passes(configs, ctx):
     from onnxopt.registry import get_pass_class
 
     return [get_pass_class(c.type)(c, ctx) for c in configs]
+
+
+def test_markdown_report_shows_the_recovery_step_per_layer():
+    from onnxopt.pass_infra import PassManager
+    from onnxopt.report import markdown_report
+
+    model = compensated()
+    calib = _feeds(model, scale=1.0, n=32, seed=4)
+    ctx = PassContext(calibration=from_arrays(calib, model))
+    pipeline = PassManager([Equalize(EqualizeConfig(samples=16, absorb_bias=False), ctx)]).run(model)
+    text = markdown_report(pipeline=pipeline)
+    d = pipeline.records[0].details
+    assert "## Accuracy recovery" in text
+    assert f"**equalize** (kept, {pipeline.records[0].seconds:.1f} s): output SQNR" in text
+    # one row per compared layer output with its before / after SQNR
+    for tensor, (before, after) in d["layer_sqnr_db"].items():
+        assert f"| {tensor} |" in text and f"{after - before:+.2f}" in text
