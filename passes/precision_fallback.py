@@ -122,6 +122,7 @@ class PrecisionFallback(Pass):
             details["action"] = "none helped"
             return self._unchanged(model, q, details, start)
         details["action"] = f"{len(chosen)} node(s) out of int8"
+        details["layer_sqnr_db"] = self._layer_sqnr(q, model, best_model, batches)
         details["seconds"] = round(time.perf_counter() - start, 2)
         cfg_q = self._config(q, chosen, islands)
         return PrecisionFallbackResult(best_model, True, details, scheme=q.scheme,
@@ -144,6 +145,22 @@ class PrecisionFallback(Pass):
         loc = localize(q.source, model, Fixed(), max_samples=sum(samples_in(b) for b in batches))
         layers = sorted((x for x in loc.layers if x.jump_db > 0 and x.node), key=lambda x: (-x.jump_db, x.node))
         return list(dict.fromkeys(x.node for x in layers))
+
+    @staticmethod
+    def _layer_sqnr(q: QuantizeQDQResult, before: ir.Model, after: ir.Model, batches) -> dict[str, list[float]]:
+        """Conv/Gemm/MatMul output SQNR (dB) against the float model, before and after the fallback (the report's
+        per-layer view of this recovery step)."""
+        class Fixed:
+            def batches(self, _size):
+                yield from batches
+
+        n = sum(samples_in(b) for b in batches)
+        out: dict[str, list[float]] = {}
+        for i, m in enumerate((before, after)):
+            for x in localize(q.source, m, Fixed(), max_samples=n).layers:
+                if x.op_type in COMPUTE_OPS:
+                    out.setdefault(x.tensor, [float("nan"), float("nan")])[i] = round(x.sqnr_db, 2)
+        return out
 
     @staticmethod
     def _readers(source: ir.Model) -> dict[str, list[str]]:

@@ -78,6 +78,10 @@ def test_fragile_node_goes_float_and_the_output_recovers():
     assert fb.details["nodes"] and set(fb.details["nodes"]) <= {"mm1", "mm2"}
     assert fb.details["reached"] is True and fb.details["sqnr_db_after"] >= 30
     assert "h" not in quantized_tensors(q)  # the island: h stays float
+    # per-layer SQNR before/after for the report: the layer writing the small-channel tensor recovers
+    layers = fb.details["layer_sqnr_db"]
+    assert layers and all(len(v) == 2 for v in layers.values())
+    assert max(a - b for b, a in layers.values()) > 10
     assert "t" in quantized_tensors(q)  # the benign tail keeps int8
     after = sqnr_vs_float(model, q)
     assert before < 12 and after > 30  # in ORT (integer kernels), on other samples than the measured ones
