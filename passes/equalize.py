@@ -92,6 +92,8 @@ class EqualizeConfig(PassConfig):
     only_if_better: bool = Field(True, description="keep the result only when the measured error goes down")
     samples: int = Field(32, gt=0, description="calibration samples for the statistics and the trial "
                          "calibration; the check runs on the next as many (held out) when there are")
+    observer: Literal["minmax", "percentile", "entropy", "mse"] = Field(
+        "mse", description="the int8 trial's calibration observer (set it to what the recipe's calibrate uses)")
     min_gain_db: float = Field(0.0, ge=0, description="output SQNR gain needed to keep the equalized model")
 
 
@@ -685,7 +687,7 @@ class Equalize(Pass):
         out: dict[str, Any] = {}
         layer_sqnr: dict[str, list[float]] = {}
         for label, float_model in (("before", original), ("after", model)):
-            q = quick_int8(float_model, data, cfg.samples, self.context)
+            q = quick_int8(float_model, data, cfg.samples, self.context, cfg.observer)
             s = make_session(q, threads=None, what=f"int8 trial ({label})")
             out[f"sqnr_db_{label}"] = round(output_sqnr(
                 reference, [list(run_batch(s, b, names).values()) for b in batches]), 2)
@@ -727,13 +729,13 @@ def held_out_batches(model: ir.Model, data, n: int) -> tuple[list[dict], bool]:
     return sample_batches(model, data, n), False
 
 
-def quick_int8(model: ir.Model, data, samples: int, context: PassContext) -> ir.Model:
+def quick_int8(model: ir.Model, data, samples: int, context: PassContext, observer: str = "mse") -> ir.Model:
     """``model`` calibrated on ``samples`` samples and quantized as the int8 preset's quantize-qdq would."""
     from onnxopt.registry import get_pass_class
 
     ctx = PassContext(calibration=data, cache_dir=context.cache_dir, seed=context.seed)
     calib = get_pass_class("calibrate")
     qdq = get_pass_class("quantize-qdq")
-    passes = [calib(calib.Config(max_samples=samples, cache=False), ctx),
+    passes = [calib(calib.Config(max_samples=samples, cache=False, observer=observer), ctx),
               qdq(qdq.Config(check_kernels=False), ctx)]
     return PassManager(passes, check=False).run(model).model
