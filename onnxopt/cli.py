@@ -218,6 +218,50 @@ def validate(reference, candidate, data, labels, recipe, report_dir, batch_size,
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the winner.")
+@click.option("--calib", required=True, type=click.Path(), help="Calibration data.")
+@click.option("--val", required=True, type=click.Path(), help="Validation data every trial is gated on.")
+@click.option("--labels", type=click.Path(dir_okay=False), help="Labels for --val.")
+@click.option("-r", "--recipe", help="Recipe file whose gate:, data: and tune: sections apply.")
+@click.option("--objective", type=click.Choice(["latency", "size"]), help="What 'best' means (default: latency).")
+@click.option("--time-budget", "time_budget", type=click.FloatRange(min=0, min_open=True),
+              help="Minutes; no new round starts after this.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), help="Where trials run (default: local).")
+@click.option("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance).")
+@click.option("--workers", type=click.IntRange(min=1), help="Trials run at once (default: 1).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Write tune.json/.md and junit.xml here.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Trial cache (default: <report or output folder>/.onnxopt-tune).")
+@click.option("--keep-failed", is_flag=True, help="When no trial passes, write the best failing model anyway.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
+@data_options
+@gate_options
+@click.option("-q", "--quiet", is_flag=True, help="No progress or tables, only errors.")
+def tune(model, output, calib, val, labels, recipe, objective, time_budget, executor, ray_address, workers, report_dir,
+         cache_dir, keep_failed, force, data_layout, dims, quiet, **kw):
+    """Search for the fastest (or smallest) model that passes the gate; write it to OUTPUT."""
+    from onnxopt.tune import tune as run
+    from onnxopt.tune_report import markdown
+
+    result = run(model, output, calib=calib, val=val, labels=labels, gate=_gate(kw), recipe=recipe,
+                 objective=objective, time_budget_minutes=time_budget, executor=executor, ray_address=ray_address,
+                 workers=workers, report_dir=report_dir, keep_failed=keep_failed, force=force,
+                 data_layout=data_layout, dims=dims, cache_dir=cache_dir, progress=_progress(quiet),
+                 command=_command_line())
+    if not quiet:
+        click.echo(markdown(result, objective or "latency"))
+        for path in result.reports:
+            click.echo(f"report: {path}")
+        if result.output is not None:
+            click.echo(f"wrote {result.output}")
+    if result.interrupted:
+        raise KeyboardInterrupt
+    if not result.passed:
+        note = "" if result.output is not None else f"; {output} not written (--keep-failed writes the best failing one)"
+        raise GateFailed(f"no trial passed the gate{note}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(model, as_json):
     """Show MODEL's opset, inputs/outputs, op histogram, parameters, size and quantized tensors."""

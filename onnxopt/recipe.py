@@ -91,12 +91,25 @@ class DataConfig(_Strict):
         return v
 
 
+class TuneConfig(_Strict):
+    """The ``tune:`` section: how ``onnxopt tune`` searches (command-line flags win)."""
+
+    objective: Literal["latency", "size"] = "latency"
+    time_budget_minutes: float | None = Field(None, gt=0, description="no new round starts after this")
+    executor: Literal["local", "ray"] = "local"
+    workers: int = Field(1, ge=1, description="trials run at once")
+    presets: list[str] | None = Field(None, description="first-round presets (default: chosen from the model)")
+    max_layers: int = Field(16, ge=1, description="most layers the search takes out of int8")
+    trial_timeout_minutes: float = Field(30.0, gt=0, description="a trial running longer is recorded as failed")
+
+
 class Recipe(_Strict):
     name: str = "custom"
     description: str = ""
     passes: list[PassConfig] = Field(default_factory=list)
     gate: GateConfig = Field(default_factory=GateConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    tune: TuneConfig | None = None
 
     def build_passes(self, context: PassContext | None = None) -> list[Pass]:
         from onnxopt.registry import get_pass_class
@@ -110,6 +123,7 @@ class Recipe(_Strict):
             "passes": [p.model_dump() for p in self.passes],
             "gate": self.gate.model_dump(exclude_none=True),
             "data": self.data.model_dump(exclude_none=True),
+            **({"tune": self.tune.model_dump(exclude_none=True)} if self.tune is not None else {}),
         }
 
 

@@ -1,0 +1,131 @@
+"""onnxopt tune on the bundled digits CNN: exit codes, refusals before any trial, the trial cache, determinism
+across executors and worker counts (latency from a stubbed timer), failed and interrupted trials."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from onnxopt.cli import main
+from onnxopt.executors import LocalExecutor
+from onnxopt.timing import Timer, set_timer
+from onnxopt.tune import tune
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+MODEL, VAL, LABELS = MODELS / "digits_cnn.onnx", MODELS / "digits_val.npz", MODELS / "digits_val_labels.npy"
+CALIB = MODELS / "digits_calib.npz"
+
+
+def cli(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+class IntegerIsFast(Timer):
+    """Latency stand-in: a Conv/Gemm reading a DequantizeLinear costs 1, in float 3, anything else 0.1."""
+
+    def profile_kernels(self, c, feed):
+        cost = 0.0
+        for n in c.model.graph:
+            if n.op_type in ("Conv", "Gemm"):
+                p = n.inputs[0].producer()
+                cost += 1.0 if p is not None and p.op_type == "DequantizeLinear" else 3.0
+            else:
+                cost += 0.1
+        c.kernel_ms.append(cost)
+
+
+def test_cli_writes_the_winner_reports_and_reuses_cached_trials(tmp_path):
+    args = ["tune", MODEL, "-o", tmp_path / "best.onnx", "--calib", CALIB, "--val", VAL, "--labels", LABELS,
+            "--max-accuracy-drop", "1", "--report", tmp_path / "rep", "-q"]
+    code, out = cli(*args)
+    assert code == 0, out
+    onnx.checker.check_model(onnx.load(tmp_path / "best.onnx"), full_check=True)
+    doc = json.loads((tmp_path / "rep" / "tune.json").read_text())
+    labels = [t["config"] for t in doc["trials"]]
+    assert labels[:2] == ["cleanup (float)", "int8"] and doc["cached_trials"] == 0
+    assert all(t["status"] == "pass" for t in doc["trials"])
+    assert doc["winner"]["trial"] in {t["trial"] for t in doc["trials"]} and doc["why"]
+    assert doc["precision_map"] and set(doc["precision_map"].values()) <= {"float", "int8", "int16",
+                                                                             "float (int8 weights)"}
+    junit = (tmp_path / "rep" / "junit.xml").read_text()
+    assert junit.count("<testcase") == len(labels)
+    # the same inputs again: every trial from the cache, same answer
+    code, out = cli(*args[:2], "-o", tmp_path / "again.onnx", *args[4:])
+    assert code == 0, out
+    again = json.loads((tmp_path / "rep" / "tune.json").read_text())
+    assert again["cached_trials"] == len(labels) and again["winner"]["trial"] == doc["winner"]["trial"]
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "best.onnx").read_bytes()
+    assert again["seconds"] < 10
+
+
+def test_bad_gates_are_refused_before_any_trial(tmp_path):
+    base = ["tune", MODEL, "-o", tmp_path / "o.onnx", "--calib", CALIB, "--val", VAL,
+            "--cache-dir", tmp_path / "cache"]
+    code, out = cli(*base, "--max-accuracy-drop", "1")
+    assert code == 2 and "--labels" in out
+    code, out = cli(*base)
+    assert code == 2 and "needs a gate" in out
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("gate: {min_sqnr_db: 20, outputs: [nope]}\n")
+    code, out = cli(*base, "-r", recipe)
+    assert code == 2 and "'nope'" in out
+    assert not (tmp_path / "cache" / "trials").exists() and not (tmp_path / "o.onnx").exists()
+
+
+def test_no_passing_trial_exits_1_and_writes_nothing(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("tune: {presets: [int8], max_layers: 1}\ngate: {min_sqnr_db: 200}\n")
+    code, out = cli("tune", MODEL, "-o", tmp_path / "o.onnx", "--calib", CALIB, "--val", VAL, "-r", recipe,
+                    "--report", tmp_path / "rep", "-q")
+    assert code == 1 and "no trial passed" in out
+    assert not (tmp_path / "o.onnx").exists()
+    doc = json.loads((tmp_path / "rep" / "tune.json").read_text())
+    assert doc["winner"] is None and len(doc["trials"]) == 3  # int8, then its worst layer at int16 / float
+    assert all(t["status"] == "fail" and t["failed_checks"] for t in doc["trials"])
+    assert doc["trials"][1]["round"] == 2
+
+
+@pytest.mark.parametrize("executor,workers", [("local", 2), pytest.param("ray", 2, marks=pytest.mark.skipif(
+    sys.platform != "linux", reason="local Ray is exercised on Linux CI"))])
+def test_same_answer_and_bytes_whatever_the_executor_or_workers(tmp_path, executor, workers):
+    pytest.importorskip(executor if executor == "ray" else "onnxopt")
+    common = dict(calib=CALIB, val=VAL, labels=LABELS, gate={"max_accuracy_drop_pt": 1.0})
+    with set_timer(IntegerIsFast()):
+        one = tune(MODEL, tmp_path / "one.onnx", cache_dir=tmp_path / "c1", workers=1, executor="local", **common)
+        other = tune(MODEL, tmp_path / "other.onnx", cache_dir=tmp_path / "c2", workers=workers, executor=executor,
+                     **common)
+    assert one.winner is not None and not one.winner.label.startswith("cleanup")  # integer compute won here
+    assert [t.label for t in one.trials] == [t.label for t in other.trials]
+    assert [t.passed for t in one.trials] == [t.passed for t in other.trials]
+    assert other.winner.index == one.winner.index
+    assert (tmp_path / "one.onnx").read_bytes() == (tmp_path / "other.onnx").read_bytes()
+
+
+def test_a_trial_that_crashes_or_hangs_is_a_failed_trial(tmp_path):
+    job = {"model": str(tmp_path / "missing.onnx"), "calib": str(CALIB), "val": str(VAL), "labels": None,
+           "data": {}, "gate": {"min_sqnr_db": 10}, "cache_dir": str(tmp_path)}
+    trial = {"index": 1, "label": "x", "recipe": {"passes": []}, "output": str(tmp_path / "t.onnx")}
+    [r] = LocalExecutor(1).map(job, [trial])
+    assert r["status"] == "error" and "missing.onnx" in r["error"]
+    [r] = LocalExecutor(1, timeout_s=0.01).map({**job, "model": str(MODEL)}, [trial])
+    assert r["status"] == "error" and "timed out" in r["error"]
+
+
+def test_interrupt_writes_the_report_so_far_and_no_model(tmp_path, monkeypatch):
+    import onnxopt.executors as executors
+
+    def interrupted(self, job, trials):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executors.LocalExecutor, "map", interrupted)
+    r = tune(MODEL, tmp_path / "o.onnx", calib=CALIB, val=VAL, gate={"min_sqnr_db": 10}, cache_dir=tmp_path / "c",
+             report_dir=tmp_path / "rep")
+    assert r.interrupted and r.winner is None and not (tmp_path / "o.onnx").exists()
+    doc = json.loads((tmp_path / "rep" / "tune.json").read_text())
+    assert doc["interrupted"] is True
