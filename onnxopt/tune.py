@@ -194,11 +194,15 @@ def _precision_map(path: str) -> dict[str, str]:
             continue
         src = prod.get(n.input[0])
         w = prod.get(n.input[1]) if len(n.input) > 1 else None
+        wq = inits.get(w.input[0]) if w is not None and w.op_type == "DequantizeLinear" else None
+        wbits = {2: "uint8", 3: "int8", 21: "uint4", 22: "int4", 4: "uint16", 5: "int16"}.get(
+            wq.data_type, "?") if wq is not None else None
         if src is not None and src.op_type == "DequantizeLinear":
             zp = inits.get(src.input[2]) if len(src.input) > 2 else None
-            out[n.name] = "int16" if zp is not None and zp.data_type in (4, 5) else "int8"
-        elif w is not None and w.op_type == "DequantizeLinear":
-            out[n.name] = "float (int8 weights)"
+            act = "int16" if zp is not None and zp.data_type in (4, 5) else "int8"
+            out[n.name] = act if wbits in (None, "int8", "uint8") else f"{act}, {wbits} weights"
+        elif wbits is not None:
+            out[n.name] = f"float ({wbits} weights)"
         else:
             out[n.name] = "float"
     return out
