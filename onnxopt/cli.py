@@ -150,11 +150,14 @@ def main():
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails.")
 @click.option("--strict", is_flag=True, default=None,
               help="Full ONNX checker and shape inference after every pass (default: at load and before saving).")
+@click.option("--target", metavar="NAME",
+              help="Hand-off runtime to lay the model out for and validate in: ort-cpu (default), openvino-cpu, "
+                   "tensorrt, qnn-htp, onnx-standard (see 'onnxopt recipes').")
 @data_options
 @gate_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress or tables, only errors.")
 def optimize(model, output, recipe, calib, val, labels, calib_labels, workers, localize, report_dir, batch_size, force,
-             keep_failed, strict, data_layout, dims, quiet, **kw):
+             keep_failed, strict, target, data_layout, dims, quiet, **kw):
     """Run a recipe's passes on MODEL, then the validation gate when --val is given."""
     from onnxopt.optimize import optimize as run
     from onnxopt.report import gate_table, summary_table
@@ -162,7 +165,9 @@ def optimize(model, output, recipe, calib, val, labels, calib_labels, workers, l
     result = run(model, output, recipe=recipe, calib=calib, val=val, labels=labels, report_dir=report_dir,
                  gate=_gate(kw), force=force, keep_failed=keep_failed, batch_size=batch_size,
                  progress=_progress(quiet), command=_command_line(), calib_labels=calib_labels, workers=workers,
-                 localize=localize, strict=strict or None, data_layout=data_layout, dims=dims)
+                 localize=localize, strict=strict or None, data_layout=data_layout, dims=dims, target=target)
+    for line in result.target_notes + result.target_violations if not quiet else result.target_violations:
+        click.echo(line, err=True)
     if not quiet:
         click.echo(summary_table(result.before, result.after, result.pipeline))
         if result.validation is not None:
@@ -173,7 +178,9 @@ def optimize(model, output, recipe, calib, val, labels, calib_labels, workers, l
             click.echo(f"wrote {result.output}")
     if not result.passed:
         note = "" if result.output is not None else f"; {output} not written (--keep-failed writes it anyway)"
-        raise GateFailed(f"{_failed(result.validation)}{note}")
+        why = (_failed(result.validation) if result.validation is not None
+               else f"{len(result.target_violations)} violation(s) of target {result.target}'s rules")
+        raise GateFailed(f"{why}{note}")
 
 
 def _failed(report) -> str:
@@ -307,6 +314,13 @@ def recipes(show):
     width = max(len(n) for n, _ in presets)
     click.echo("Presets (use with -r NAME):")
     for name, desc in presets:
+        click.echo(f"  {name:<{width}}  {desc}")
+    from onnxopt.targets import list_targets
+
+    targets = list_targets()
+    width = max(len(n) for n, _ in targets)
+    click.echo("\nTargets (use with --target NAME, or target: in a recipe):")
+    for name, desc in targets:
         click.echo(f"  {name:<{width}}  {desc}")
     passes = available_passes()
     width = max(len(n) for n in passes)

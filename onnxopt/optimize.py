@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +31,13 @@ class OptimizeResult:
     validation: object | None = None  # onnxopt.validate.ValidationReport
     output: Path | None = None
     reports: list[Path] = field(default_factory=list)
+    target: str | None = None  # hand-off target (onnxopt.targets) the recipe was laid out for
+    target_notes: list[str] = field(default_factory=list)  # what the target changed, where it was validated
+    target_violations: list[str] = field(default_factory=list)  # the written model against the target's rules
 
     @property
     def passed(self) -> bool:
-        return self.validation is None or self.validation.passed
+        return (self.validation is None or self.validation.passed) and not self.target_violations
 
 
 def _recipe(recipe: Recipe | str | Path | None) -> Recipe:
@@ -107,6 +111,7 @@ def optimize(
     strict: bool | None = None,
     data_layout: str | None = None,
     dims: dict[str, int] | None = None,
+    target: str | None = None,
 ) -> OptimizeResult:
     """Run ``recipe`` on the model at ``model_path``; validate on ``val`` if given; save to ``output``.
 
@@ -115,13 +120,21 @@ def optimize(
     the gate passes (or ``keep_failed``), so a later pipeline step cannot pick up a rejected model.
     Reports are written either way. ``strict``: the full checker and shape inference after every pass.
     ``data_layout`` ("stacked" or "feeds") and ``dims`` (symbolic dim sizes for ``random:N`` data) override
-    the recipe's data section.
+    the recipe's data section. ``target`` (or the recipe's ``target:``) lays the model out for a hand-off
+    runtime (``onnxopt.targets``): the recipe's passes are configured for it, the written model is checked
+    against its rules (a violation fails like the gate) and the gate runs in its runtime where installed.
     """
     from onnxopt.data import load_labels, open_data
 
     progress = progress or SILENT
     model_path = Path(model_path)
     rec = _recipe(recipe)
+    tgt, target_notes = None, []
+    if target is not None or rec.target is not None:
+        from onnxopt.targets import apply_target, load_target
+
+        tgt = load_target(target if target is not None else rec.target)
+        rec, target_notes = apply_target(rec, tgt)
     if output is not None:
         _check_output_path(Path(output), force, model_path)
     _check_report_dir(report_dir)
@@ -161,6 +174,19 @@ def optimize(
             after=summarize(pipeline.model, staged.path if staged is not None else None),
             recipe=rec,
         )
+        runtime = "onnxruntime"
+        if tgt is not None:
+            from onnxopt.target_runtime import numerical_runtime
+            from onnxopt.targets import check_structure
+
+            result.target, result.target_notes = tgt.name, list(target_notes)
+            result.target_violations = check_structure(pipeline.model, tgt)
+            if val_data is not None:
+                where = numerical_runtime(tgt.runtime)
+                runtime = where.runtime
+                result.target_notes.append(where.note)
+                if where.skipped_reason is not None:
+                    warnings.warn(where.note, stacklevel=2)
         if val_data is not None:
             from onnxopt.validate import validate
 
@@ -173,7 +199,10 @@ def optimize(
                 gate=merge_gate(rec.gate, gate),
                 batch_size=batch_size or data_cfg.batch_size,
                 progress=progress,
+                runtime=runtime,
             )
+            if tgt is not None:
+                _add_target_check(result)
             _maybe_localize(result.validation, model_path, candidate, val_data, localize, progress)
         if report_dir is not None:
             from onnxopt.report import write_reports
@@ -195,6 +224,19 @@ def optimize(
 @contextlib.contextmanager
 def _nothing():
     yield
+
+
+def _add_target_check(result: OptimizeResult) -> None:
+    """The target's structural rules as one more gate check (and its notes in the report)."""
+    from onnxopt.validate import GateCheck
+
+    v, bad = result.validation, result.target_violations
+    msg = (f"laid out as target {result.target} needs" if not bad
+           else f"{len(bad)} violation(s) of target {result.target}'s rules, first: {bad[0]}")
+    v.checks.append(GateCheck(name=f"target.{result.target}", metric="target_rules", output=None, threshold=0,
+                              value=float(len(bad)), passed=not bad, message=msg, status="fail" if bad else "pass"))
+    v.passed = v.passed and not bad
+    v.notes.extend(result.target_notes + bad)
 
 
 def validate_files(

@@ -110,6 +110,7 @@ class Recipe(_Strict):
     gate: GateConfig = Field(default_factory=GateConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     tune: TuneConfig | None = None
+    target: str | None = Field(None, description="hand-off target (onnxopt.targets), e.g. openvino-cpu")
 
     def build_passes(self, context: PassContext | None = None) -> list[Pass]:
         from onnxopt.registry import get_pass_class
@@ -124,6 +125,7 @@ class Recipe(_Strict):
             "gate": self.gate.model_dump(exclude_none=True),
             "data": self.data.model_dump(exclude_none=True),
             **({"tune": self.tune.model_dump(exclude_none=True)} if self.tune is not None else {}),
+            **({"target": self.target} if self.target is not None else {}),
         }
 
 

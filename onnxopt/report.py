@@ -216,7 +216,8 @@ def _localization_text(loc) -> str:
 def gate_table(validation: ValidationReport) -> str:
     """Per-output metrics and one PASS/FAIL/SKIP line per check, for the terminal."""
     v = validation
-    out = [f"validation: {v.data}; onnxruntime {v.ort_version}, opt level {v.opt_level}, batch {v.batch_size}"]
+    where = f"onnxruntime {v.ort_version}, opt level {v.opt_level}" if v.runtime == "onnxruntime" else v.runtime
+    out = [f"validation: {v.data}; {where}, batch {v.batch_size}"]
     cols = _metric_columns(v.outputs)
     rows = []
     for name, m in v.outputs.items():
@@ -346,8 +347,9 @@ def markdown_report(*, validation: ValidationReport | None = None, pipeline: Pip
 
     if v is not None:
         lines += ["## Validation gate", ""]
-        lines.append(f"Data: {_md_cell(v.data)}; onnxruntime {v.ort_version} (CPU), graph optimization "
-                     f"`{v.opt_level}`, batch size {v.batch_size}.")
+        where = (f"onnxruntime {v.ort_version} (CPU), graph optimization `{v.opt_level}`"
+                 if v.runtime == "onnxruntime" else f"{v.runtime} (CPU)")
+        lines.append(f"Data: {_md_cell(v.data)}; {where}, batch size {v.batch_size}.")
         lines.append("")
         cols = _metric_columns(v.outputs)
         rows = [[name, *(fmt(getattr(m, attr)) for _, attr in cols), _output_note(m)] for name, m in v.outputs.items()]

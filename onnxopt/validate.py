@@ -43,7 +43,7 @@ from onnxopt.metrics import AccuracyStats, OutputMetrics, OutputStats, fmt, json
 from onnxopt.model_io import as_ir
 from onnxopt.progress import SILENT, Progress
 from onnxopt.recipe import GateConfig
-from onnxopt.runtime import DEFAULT_OPT_LEVEL, make_session, ort_version, run_batch
+from onnxopt.runtime import DEFAULT_OPT_LEVEL, ort_version, run_batch
 
 # (GateConfig field, check/metric name, OutputMetrics attribute, comparison)
 OUTPUT_THRESHOLDS: list[tuple[str, str, str, str]] = [
@@ -97,6 +97,7 @@ class ValidationReport:
     gate: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     localization: Any = None  # onnxopt.localize.Localization, when asked for or the gate failed
+    runtime: str = "onnxruntime"  # where the numbers were run (e.g. "openvino 2026.4.0")
 
     @property
     def data_description(self) -> str:
@@ -130,6 +131,7 @@ class ValidationReport:
             "samples": self.samples,
             "batch_size": self.batch_size,
             "onnxruntime": self.ort_version,
+            "runtime": self.runtime,
             "opt_level": self.opt_level,
             "gate": self.gate,
             "labels": self.labels,
@@ -297,9 +299,10 @@ def _pick_accuracy_output(order: list[str], ref_out: dict[str, np.ndarray], labe
 def validate(reference: ModelRef, candidate: ModelRef, data: DataSource, *,
              labels: np.ndarray | None = None, gate: GateConfig | None = None, batch_size: int = 32,
              opt_level: str = DEFAULT_OPT_LEVEL, progress: Progress | None = None,
-             threads: int | None = None) -> ValidationReport:
+             threads: int | None = None, runtime: str = "onnxruntime") -> ValidationReport:
     """Compare ``candidate`` to ``reference`` on ``data`` and apply ``gate``; never raises on a failed gate
-    (the caller decides: ``report.passed``). Raises ``OnnxoptError`` for unusable input."""
+    (the caller decides: ``report.passed``). Raises ``OnnxoptError`` for unusable input.
+    ``runtime``: where both models run (``onnxopt.target_runtime``: onnxruntime, openvino, tensorrt, qnn)."""
     gate = gate or GateConfig()
     progress = progress or SILENT
     ref_ir, cand_ir = interface_model(reference), interface_model(candidate)
@@ -337,8 +340,10 @@ def validate(reference: ModelRef, candidate: ModelRef, data: DataSource, *,
     if bs != batch_size and not feeds:
         notes.append(f"batch size {batch_size} clamped to {bs} (the model's static batch dim)")
 
-    ref_sess = make_session(reference, opt_level=opt_level, threads=threads, what="reference")
-    cand_sess = make_session(candidate, opt_level=opt_level, threads=threads, what="candidate")
+    from onnxopt.target_runtime import open_session, runtime_version
+
+    ref_sess = open_session(reference, runtime, opt_level=opt_level, threads=threads, what="reference")
+    cand_sess = open_session(candidate, runtime, opt_level=opt_level, threads=threads, what="candidate")
     stats = {name: OutputStats(name) for name in tensor_outs}
     acc_ref, acc_cand = AccuracyStats(), AccuracyStats()
     acc_output: str | None = None
@@ -393,4 +398,5 @@ def validate(reference: ModelRef, candidate: ModelRef, data: DataSource, *,
         labels=labels is not None,
         gate=gate.model_dump(exclude_none=True),
         notes=notes,
+        runtime=runtime_version(runtime) if runtime != "onnxruntime" else "onnxruntime",
     )
