@@ -2,10 +2,10 @@
 
 A target (``onnxopt/targets/<name>.yaml``) says how that runtime wants a quantized model laid out: the
 ``quantize-qdq`` settings it pins (activation/weight types, symmetry, per-channel, bias type, per-op
-overrides), the calibration bit width, which passes are meaningless for it (``drop_passes``: they measure
-ONNX Runtime's kernels) and which it cannot run (``forbidden_passes``: they emit com.microsoft contrib ops),
-whether it demands a fully integer model, the op domains it accepts, and the structural ``rules`` the
-written model is checked against. ``apply_target`` rewrites a recipe for the target; ``check_structure``
+overrides) and the ``calibrate`` settings (bit width, observer), which passes are meaningless for it
+(``drop_passes``: they measure ONNX Runtime's kernels) and which it cannot run (``forbidden_passes``: they
+emit com.microsoft contrib ops), whether it demands a fully integer model, the op domains it accepts, and
+the structural ``rules`` the written model is checked against. ``apply_target`` rewrites a recipe for the target; ``check_structure``
 checks a model against its rules. The passes themselves know nothing about targets.
 """
 
@@ -49,7 +49,7 @@ class Target(_Strict):
     allowed_domains: list[str] | None = Field(None, description="op domains allowed ('' = ONNX); None: any")
     full_integer: bool = Field(False, description="a pass that would leave ops float is refused, not dropped")
     quantize: dict[str, Any] = Field(default_factory=dict, description="quantize-qdq fields the target pins")
-    calibrate_bits: int | None = Field(None, ge=2, le=16)
+    calibrate: dict[str, Any] = Field(default_factory=dict, description="calibrate fields the target pins")
     drop_passes: dict[str, str] = Field(default_factory=dict, description="pass type -> why it is skipped")
     forbidden_passes: dict[str, str] = Field(default_factory=dict, description="pass type -> what it emits")
     rules: TargetRules = Field(default_factory=TargetRules)
@@ -83,7 +83,7 @@ def apply_target(recipe: Recipe, target: Target | str) -> tuple[Recipe, list[str
     """``recipe`` rewritten for ``target`` and notes saying what changed; ``recipe`` itself is untouched.
 
     quantize-qdq gets the target's pinned fields (a recipe value that differs is replaced, with a note);
-    calibrate gets the target's bit width; drop_passes are removed; forbidden passes are removed, leaving
+    calibrate gets the target's pinned fields (bit width, observer); drop_passes are removed; forbidden passes are removed, leaving
     what they would have rewritten float, or refused when the target demands a fully integer model.
     """
     from onnxopt.registry import get_pass_class
@@ -112,8 +112,8 @@ def apply_target(recipe: Recipe, target: Target | str) -> tuple[Recipe, list[str
             if "overrides" in target.quantize:
                 # the target's rules come first so that the recipe's own per-node rules still win
                 update["overrides"] = list(target.quantize["overrides"]) + [_plain(o) for o in cfg.overrides]
-        elif cfg.type == "calibrate" and target.calibrate_bits is not None:
-            update["bits"] = target.calibrate_bits
+        elif cfg.type == "calibrate":
+            update.update(target.calibrate)
         if update:
             cls = get_pass_class(cfg.type).Config
             cfg = cls.model_validate({**cfg.model_dump(), **update})

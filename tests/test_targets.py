@@ -105,6 +105,8 @@ def test_apply_target_is_a_config_transform():
     assert next(p for p in int8.passes if p.type == "quantize-qdq").activation_type is None  # input untouched
     qnn, _ = apply_target(int8, "qnn-htp")
     assert next(p for p in qnn.passes if p.type == "calibrate").bits == 16
+    ov, _ = apply_target(int8, "openvino-cpu")
+    assert next(p for p in ov.passes if p.type == "calibrate").observer == "minmax"
 
     std, notes = apply_target(load_preset("int8-dynamic"), "onnx-standard")
     assert [p.type for p in std.passes] == ["quantize-embedding"]
