@@ -105,6 +105,7 @@ def test_apply_target_is_a_config_transform():
     assert next(p for p in int8.passes if p.type == "quantize-qdq").activation_type is None  # input untouched
     qnn, _ = apply_target(int8, "qnn-htp")
     assert next(p for p in qnn.passes if p.type == "calibrate").bits == 16
+    assert "precision-fallback" not in [p.type for p in qnn.passes]  # no float islands on a full-integer target
     ov, _ = apply_target(int8, "openvino-cpu")
     assert next(p for p in ov.passes if p.type == "calibrate").observer == "minmax"
 
@@ -224,7 +225,7 @@ def test_bert_static_int8_in_standard_ops_runs_in_openvino(tmp_path):
     onnx.save(bert_model(layers=1), tmp_path / "bert.onnx")
     np.savez(tmp_path / "calib.npz", **bert_feeds(n=32, length=12, seed=5))
     val = bert_feeds(n=8, length=12, seed=9)
-    res = optimize(tmp_path / "bert.onnx", tmp_path / "q.onnx", recipe="int8", target="onnx-standard",
+    res = optimize(tmp_path / "bert.onnx", tmp_path / "q.onnx", recipe="int8-transformer", target="onnx-standard",
                    calib=tmp_path / "calib.npz", force=True)
     q = onnx.load(tmp_path / "q.onnx")
     assert res.target_violations == [] and {n.domain for n in q.graph.node} == {""}
