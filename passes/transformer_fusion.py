@@ -24,6 +24,8 @@ zeros in the export and the mean of the values after fusion; real inputs always 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from typing import Literal
 
 import numpy as np
@@ -134,9 +136,18 @@ def _ort_fusions(model: ir.Model, cfg: TransformerFusionConfig) -> tuple[ir.Mode
     # (imported top-level, e.g. "fusion_skiplayernorm"): silence WARNING and below for the call only.
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.WARNING))
+    # Its symbolic shape inference saves "sym_shape_infer_temp.onnx" and a uuid-named .data file (90 MB for
+    # MiniLM) into the current folder and leaves them: run it in a temporary folder instead.
+    cwd = os.getcwd()
     try:
-        opt = optimizer.optimize_model(proto, model_type=cfg.model_type, num_heads=cfg.num_heads,
-                                       hidden_size=cfg.hidden_size, optimization_options=options, opt_level=0)
+        with tempfile.TemporaryDirectory(prefix="onnxopt-fusion-") as tmp:
+            os.chdir(tmp)
+            try:
+                opt = optimizer.optimize_model(proto, model_type=cfg.model_type, num_heads=cfg.num_heads,
+                                               hidden_size=cfg.hidden_size, optimization_options=options,
+                                               opt_level=0)
+            finally:
+                os.chdir(cwd)
     finally:
         logging.disable(previous)
     stats = {k: int(v) for k, v in sorted(opt.get_fused_operator_statistics().items()) if v}
