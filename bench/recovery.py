@@ -4,6 +4,7 @@ static int8, on EfficientNet-Lite0, the PP-OCR direction classifier and MiniLM (
     python bench/recovery.py                  # Lite0 100 calib / 650 val, PP-OCR 100 / 300, MiniLM 128 / 872
     python bench/recovery.py --quick          # Lite0 50 / 200 val, MiniLM 64 / 200 dev, fewer latency rounds
     python bench/recovery.py --models ocr     # a subset: lite0, ocr, minilm
+    python bench/recovery.py --reuse          # measure again the models an earlier run built
 
 One table. Rows per model: fp32; each preset of ``PRESETS`` that exists in this tree (``w4a8`` and others are
 picked up by name when present) as shipped, and with its recovery steps taken out of the recipe (the passes
@@ -141,6 +142,8 @@ class MiniLM(Task):
 
 
 TASKS = {"lite0": Lite0, "ocr": PPOCRCls, "minilm": MiniLM}
+HEADERS = ["model", "row", "accuracy %", "vs fp32", "agreement %", "speed vs fp32", "file ratio", "build s",
+           "recovery steps (output SQNR on calibration samples)"]
 
 
 def recorded(path: Path) -> tuple[dict, str]:
@@ -249,7 +252,7 @@ def build_ort(task: Task, method: str, out: Path) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-def run_task(task: Task, work: Path, presets: list[str], rounds: int) -> list[list]:
+def run_task(task: Task, work: Path, presets: list[str], rounds: int, reuse: bool = False) -> list[list]:
     from onnxopt.recipe import load_preset, preset_names
 
     models: dict[str, Path] = {"fp32": task.model}
@@ -260,15 +263,25 @@ def run_task(task: Task, work: Path, presets: list[str], rounds: int) -> list[li
         if preset not in available:
             print(f"[{task.name}] no preset {preset!r} in this tree: row skipped", file=sys.stderr)
             continue
-        recipe = load_preset(preset)
+        try:
+            recipe = load_preset(preset)
+        except Exception as exc:  # noqa: BLE001 - a preset this tree cannot load is a row saying so
+            print(f"[{task.name}] {preset}: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
+            models[preset], build[preset] = None, float("nan")  # type: ignore[assignment]
+            continue
         for label, r in ((preset, recipe), (f"{preset}, no recovery", without_recovery(recipe))):
             if r is None:
                 continue
             print(f"[{task.name}] building {label} ...", file=sys.stderr)
             out = work / f"{label.replace(', ', '_').replace(' ', '-')}.onnx"
+            if reuse and out.exists() and (work / f"{out.stem}.json").exists():
+                models[label] = out
+                build[label], steps[label] = json.loads((work / f"{out.stem}.json").read_text())
+                continue
             try:
                 build[label], steps[label] = build_onnxopt(task, r, out)
                 models[label] = out
+                (work / f"{out.stem}.json").write_text(json.dumps([build[label], steps[label]]))
             except Exception as exc:  # noqa: BLE001 - a preset that fails on a model is a row saying so
                 print(f"[{task.name}] {label} failed: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
                 build[label] = float("nan")
@@ -283,7 +296,11 @@ def run_task(task: Task, work: Path, presets: list[str], rounds: int) -> list[li
         out = work / f"ort_static_{method.lower()}.onnx"
         print(f"[{task.name}] ORT quantize_static per-channel {method} ...", file=sys.stderr)
         try:
-            seconds = build_ort(task, method, out)
+            if reuse and out.exists() and out.with_suffix(".json").exists():
+                seconds = json.loads(out.with_suffix(".json").read_text())
+            else:
+                seconds = build_ort(task, method, out)
+                out.with_suffix(".json").write_text(json.dumps(seconds))
             acc = float((task.predict(out).argmax(1) == task.labels).mean())
         except Exception as exc:  # noqa: BLE001
             print(f"  ORT {method} failed: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
@@ -319,18 +336,21 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer samples and latency rounds")
     ap.add_argument("--models", default="lite0,ocr,minilm", help="comma-separated: lite0, ocr, minilm")
     ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated preset names")
+    ap.add_argument("--reuse", action="store_true", help="measure the models an earlier run built (same options)")
+    ap.add_argument("--rounds", type=int, default=None, help="latency rounds (default 12, --quick 4)")
     args = ap.parse_args()
-    rounds = 4 if args.quick else 12
+    rounds = args.rounds or (4 if args.quick else 12)
     rows = []
     for key in args.models.split(","):
         work = CACHE / "recovery" / ("quick" if args.quick else "full") / key
         work.mkdir(parents=True, exist_ok=True)
         task = TASKS[key](work, args.quick)
-        rows += run_task(task, work, args.presets.split(","), rounds)
+        task_rows = run_task(task, work, args.presets.split(","), rounds, args.reuse)
+        print(markdown_table(HEADERS, task_rows), file=sys.stderr)  # each model's rows as soon as they exist
+        rows += task_rows
     print(cpu_line())
     print()
-    print(markdown_table(["model", "row", "accuracy %", "vs fp32", "agreement %", "speed vs fp32", "file ratio",
-                          "build s", "recovery steps (output SQNR on calibration samples)"], rows))
+    print(markdown_table(HEADERS, rows))
 
 
 if __name__ == "__main__":
