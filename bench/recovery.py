@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -236,17 +238,25 @@ def build_ort(task: Task, method: str, out: Path) -> float:
 
     logging.getLogger().setLevel(logging.ERROR)  # one warning per Constant-node bias on PP-OCR
     start = time.perf_counter()
-    pre = out.with_suffix(".pre.onnx")
-    try:
-        quant_pre_process(str(task.model), str(pre))
-        src = pre
-    except Exception as exc:  # noqa: BLE001 - ORT's pre-processing is optional; quantize the export as is
-        print(f"  ORT pre-process failed ({type(exc).__name__}); quantizing the export as is", file=sys.stderr)
-        src = task.model
-    extra = {"CalibMaxIntermediateOutputs": 10} if method != "MinMax" else {}
-    quantize_static(str(src), str(out), Reader(task.calib_batches()), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)
+    out, pre = out.resolve(), out.resolve().with_suffix(".pre.onnx")
+    here = os.getcwd()
+    # ORT's pre-processing leaves its temporary files (sym_shape_infer_temp.onnx, <uuid>.data) in the cwd
+    with tempfile.TemporaryDirectory(prefix="onnxopt-bench-ort-") as tmp:
+        os.chdir(tmp)
+        try:
+            try:
+                quant_pre_process(str(task.model), str(pre))
+                src = pre
+            except Exception as exc:  # noqa: BLE001 - optional; quantize the export as is
+                print(f"  ORT pre-process failed ({type(exc).__name__}); quantizing the export as is",
+                      file=sys.stderr)
+                src = task.model
+            extra = {"CalibMaxIntermediateOutputs": 10} if method != "MinMax" else {}
+            quantize_static(str(src), str(out), Reader(task.calib_batches()), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=getattr(CalibrationMethod, method), extra_options=extra)
+        finally:
+            os.chdir(here)
     pre.unlink(missing_ok=True)
     return time.perf_counter() - start
 
