@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from onnxopt.errors import OnnxoptError
+from onnxopt.metrics import json_safe
 from onnxopt.report import _json_text, atomic_write
 
 
@@ -67,7 +68,8 @@ def write_tune_reports(directory, result, *, command: str | None = None, objecti
     paths = [d / "tune.json", d / "tune.md", d / "junit.xml"]
     tree = junit(result)
     ET.indent(tree)
-    doc = {"schema": "onnxopt.tune/1", "command": command, "objective": objective, **result.to_dict()}
+    # metrics hold inf (an exact output's SQNR): JSON gets what report.json writes for them
+    doc = json_safe({"schema": "onnxopt.tune/1", "command": command, "objective": objective, **result.to_dict()})
     with atomic_write(paths[0], "wb") as fj, atomic_write(paths[1], "wb") as fm, atomic_write(paths[2], "wb") as fx:
         fj.write(_json_text(doc).encode("utf-8"))
         fm.write(markdown(result, objective, command).encode("utf-8"))

@@ -129,3 +129,15 @@ def test_interrupt_writes_the_report_so_far_and_no_model(tmp_path, monkeypatch):
     assert r.interrupted and r.winner is None and not (tmp_path / "o.onnx").exists()
     doc = json.loads((tmp_path / "rep" / "tune.json").read_text())
     assert doc["interrupted"] is True
+
+
+def test_reports_hold_non_finite_metrics(tmp_path):
+    from onnxopt.tune import Trial, TuneResult
+    from onnxopt.tune_report import write_tune_reports
+
+    t = Trial(1, "cleanup (float)", {"passes": []}, 1, result={
+        "status": "ok", "passed": True, "size_bytes": 10, "metrics": {"y.sqnr_db": float("inf")}, "checks": []})
+    t.latency_ms = 1.0
+    paths = write_tune_reports(tmp_path, TuneResult([t], t, "only one", 1.0))
+    doc = json.loads(paths[0].read_text())
+    assert doc["trials"][0]["metrics"]["y.sqnr_db"] == "inf" and doc["winner"]["trial"] == 1
