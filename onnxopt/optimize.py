@@ -174,7 +174,7 @@ def optimize(
             after=summarize(pipeline.model, staged.path if staged is not None else None),
             recipe=rec,
         )
-        runtime = "onnxruntime"
+        runtime, opt_level = "onnxruntime", None
         if tgt is not None:
             from onnxopt.target_runtime import numerical_runtime
             from onnxopt.targets import check_structure
@@ -183,7 +183,7 @@ def optimize(
             result.target_violations = check_structure(pipeline.model, tgt)
             if val_data is not None:
                 where = numerical_runtime(tgt.runtime)
-                runtime = where.runtime
+                runtime, opt_level = where.runtime, where.opt_level
                 result.target_notes.append(where.note)
                 if where.skipped_reason is not None:
                     warnings.warn(where.note, stacklevel=2)
@@ -200,6 +200,7 @@ def optimize(
                 batch_size=batch_size or data_cfg.batch_size,
                 progress=progress,
                 runtime=runtime,
+                **({"opt_level": opt_level} if opt_level is not None else {}),
             )
             if tgt is not None:
                 _add_target_check(result)
