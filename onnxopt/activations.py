@@ -301,6 +301,23 @@ def stream_activations(model: ir.Model | onnx.ModelProto, source, names: list[st
         yield batch, values
 
 
+def stream_paired(reference: ir.Model | onnx.ModelProto, candidate: ir.Model | onnx.ModelProto, source,
+                  reference_names: list[str], candidate_names: list[str], *, batch_size: int,
+                  max_samples: int | None = None, what: str = "model", opt_level: str = "basic",
+                  ) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Run two models (e.g. the float model and its quantized version) on the same batches and yield
+    (samples, {name: value} of ``reference``, {name: value} of ``candidate``) per batch: what a layer sees
+    or gives in each, for statistics pairing them row by row (accuracy recovery). Nothing is kept between
+    batches; each model runs only the prefix its names need."""
+    ref_it = stream_activations(reference, source, reference_names, batch_size=batch_size, max_samples=max_samples,
+                                what=f"{what} (reference)", prune=True, keep_outputs=False, opt_level=opt_level)
+    cand_it = stream_activations(candidate, source, candidate_names, batch_size=batch_size,
+                                 max_samples=max_samples, what=f"{what} (candidate)", prune=True, keep_outputs=False,
+                                 opt_level=opt_level)
+    for (batch, ref), (_, cand) in zip(ref_it, cand_it, strict=True):
+        yield samples_in(batch), ref, cand
+
+
 # --------------------------------------------------------------------------------------------
 # Streaming Gram matrices of layer inputs
 # --------------------------------------------------------------------------------------------

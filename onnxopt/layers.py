@@ -105,3 +105,32 @@ class Geometry:
             return cols.reshape(-1, c_in * math.prod(kernel))
 
         return rows
+
+    def sampled_rows(self, x: np.ndarray, y: np.ndarray, count: int, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """At most ``count`` output positions of the conv ``x [N, C, *spatial] -> y [N, O, *out]``, drawn
+        without replacement: (im2col rows of ``x`` [R, C * prod(k)], the matching rows of ``y`` [R, O]). Only
+        the drawn patches are gathered, padding included without padding ``x`` (a full im2col, or a padded
+        copy, of a 112x112 map costs more than the statistics)."""
+        nd, kernel = len(self.kernel), self.kernel
+        begin, end = self.pads_for(x.shape[2:])
+        out = tuple((x.shape[2 + i] + begin[i] + end[i] - self.dilations[i] * (kernel[i] - 1) - 1)
+                    // self.strides[i] + 1 for i in range(nd))
+        if tuple(y.shape[2:]) != out or y.shape[0] != x.shape[0]:
+            raise OnnxoptError(f"conv output has shape {list(y.shape)}; its input {list(x.shape)} gives "
+                               f"[{x.shape[0]}, O, {', '.join(map(str, out))}]")
+        total = x.shape[0] * math.prod(out)
+        idx = np.arange(total) if total <= count else np.sort(rng.choice(total, count, replace=False))
+        coords = np.unravel_index(idx, (x.shape[0], *out))
+        cols = np.empty((len(idx), x.shape[1], *kernel), dtype=x.dtype)
+        for off in np.ndindex(*kernel):
+            at = [coords[1 + i] * self.strides[i] + off[i] * self.dilations[i] - begin[i] for i in range(nd)]
+            inside = np.ones(len(idx), dtype=bool)
+            for i in range(nd):
+                inside &= (at[i] >= 0) & (at[i] < x.shape[2 + i])
+                at[i] = np.clip(at[i], 0, x.shape[2 + i] - 1)
+            patch = x[(coords[0], slice(None), *at)]
+            if not inside.all():
+                patch[~inside] = 0
+            cols[(slice(None), slice(None), *off)] = patch
+        return cols.reshape(len(idx), -1), y[(coords[0], slice(None), *coords[1:])]

@@ -231,6 +231,9 @@ class PruneWeightsResult(PassResult):
     calibration_samples: int = 0
     allocated: dict[str, float] = field(default_factory=dict)  # allocation output-error: layer -> sparsity
     corrected: dict[str, ChannelCorrection] = field(default_factory=dict)  # statistics_correction, per conv
+    # the unpruned model (graph copy, weights shared) when calibration data was given: what ``reconstruct``
+    # after this pass fits the pruned layers' outputs to
+    source: ir.Model | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,8 +643,9 @@ class PruneWeights(Pass):
         self.graph = model.graph
         result = PruneWeightsResult(model, False, method=method)
         reference = None
-        if cfg.statistics_correction and self.context.calibration is not None:
+        if self.context.calibration is not None:
             reference = clone_model(model)  # the unpruned graph; weights shared (passes never write into them)
+            result.source = reference
         chosen = self._select(_targets(model.graph, result.skipped), result)
         fixed = self._fixed_masks(chosen, result)
         chosen = [t for t in chosen if t.label not in result.skipped]
@@ -651,7 +655,7 @@ class PruneWeights(Pass):
             for t in chosen:
                 result.layers[t.label] = self._prune(t, method, fixed.get(t.weight), None, result)
         result.modified = any(p.pruned for p in result.layers.values())
-        if reference is not None and result.modified:
+        if cfg.statistics_correction and reference is not None and result.modified:
             result.corrected = correct_channel_statistics(
                 model, reference, self.context.calibration, batch_size=cfg.batch_size,
                 max_samples=min(cfg.correction_samples, cfg.max_samples or cfg.correction_samples),
