@@ -215,6 +215,12 @@ def summary(record) -> str:
         nodes = d.get("nodes") or []
         return (f"fallback {len(nodes)} node(s) {d.get('sqnr_db_before')}->{d.get('sqnr_db_after')} dB" if nodes
                 else "fallback: none")
+    if record.name == "reconstruct":
+        if "output_sqnr_db" not in d:
+            return "reconstruct: " + str(d.get("warning") or d.get("note") or "no layers")
+        before, after = d["output_sqnr_db"]
+        verdict = "reverted" if d.get("reverted") else f"{d.get('reconstructed', 0)} adaround, {d.get('refit', 0)} refit"
+        return f"reconstruct ({verdict}) {before}->{after} dB"
     measured = [str(d[k]) for k in ("sqnr_db_before", "sqnr_db_after") if k in d]
     return record.name + (f" {'->'.join(measured)} dB" if measured else "")
 
