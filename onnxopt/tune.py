@@ -342,18 +342,22 @@ def _run_round(trials: list[Trial], plan: list[tuple[str, dict]], rnd: int, job:
 
 
 def _latency(path: str, val_data, cache: Path) -> float:
-    """ORT's summed kernel time at batch 1, one thread (least of two profiles); cached by the file's content."""
+    """ORT's summed kernel time at batch 1, one thread, under the model's recorded session options (least of two
+    profiles); cached by the file's content."""
     from onnxopt.activations import sample_batches
     from onnxopt.model_io import load_model
-    from onnxopt.timing import Setting, Timed, timer
+    from onnxopt.timing import Setting, Timed, recorded_session, timer
 
     key = _digest_path(path)[:24]
-    f = cache / "latency" / f"{key}.json"
+    f = cache / "latency" / f"{key}-recorded-session.json"
     if f.is_file():
         return float(json.loads(f.read_text()))
     model = load_model(path)
     feed = sample_batches(model, val_data, 1)[0]
-    t = Timed(model, Setting.of(1))
+    # timed as it will be served: with the session options its passes recorded (latency-placement's
+    # float-compute fallback needs session.disable_quant_qdq, or ORT runs every weight's DequantizeLinear)
+    rec = recorded_session(model)
+    t = Timed(model, Setting.of(1, str(rec.get("graph_optimization_level", "all")), rec.get("session_config")))
     tm = timer(20)
     tm.race_kernels([t], feed)
     f.parent.mkdir(parents=True, exist_ok=True)

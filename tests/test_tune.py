@@ -141,3 +141,34 @@ def test_reports_hold_non_finite_metrics(tmp_path):
     paths = write_tune_reports(tmp_path, TuneResult([t], t, "only one", 1.0))
     doc = json.loads(paths[0].read_text())
     assert doc["trials"][0]["metrics"]["y.sqnr_db"] == "inf" and doc["winner"]["trial"] == 1
+
+
+def test_latency_is_measured_under_the_models_recorded_session_options(tmp_path):
+    # a float-compute model with int8-stored weights runs fast only with session.disable_quant_qdq
+    import onnx_ir as ir
+
+    from onnxopt.model_io import load_model, save_model
+    from onnxopt.timing import record_session
+    from onnxopt.tune import _latency
+
+    seen = []
+
+    class Spy(Timer):
+        def profile_kernels(self, c, feed):
+            seen.append(c.setting)
+            c.kernel_ms.append(1.0)
+
+    from onnxopt.data import open_data
+
+    model = load_model(MODEL)
+    val = open_data(str(VAL), model)
+    record_session(model, {"session.disable_quant_qdq": "1"}, graph_optimization_level="extended")
+    save_model(model, tmp_path / "m.onnx")
+    with set_timer(Spy()):
+        assert _latency(str(tmp_path / "m.onnx"), val, tmp_path / "cache") == 1.0
+        plain = ir.load(str(MODEL))
+        save_model(plain, tmp_path / "plain.onnx")
+        _latency(str(tmp_path / "plain.onnx"), val, tmp_path / "cache")
+    assert seen[0].level == "extended" and seen[0].config_dict == {"session.disable_quant_qdq": "1"}
+    assert seen[0].threads == 1
+    assert seen[-1].level == "all" and seen[-1].config_dict == {}
