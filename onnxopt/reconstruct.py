@@ -160,6 +160,26 @@ def adaround(m: LayerMoments, w: np.ndarray, scale: np.ndarray, zero_point: np.n
     return np.clip(base + h + z, qmin, qmax)
 
 
+def refine_scales(m: LayerMoments, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, *, centred: bool,
+                  limit: float = 0.25) -> np.ndarray:
+    """Per output row, the scale [B, O] minimising the output error of the integer weights ``q`` (AdaQuant's
+    scale step, closed form: ``s = u^T C / u^T G u`` for ``u = q - z``). ``centred``: the bias absorbs the mean
+    error (it is refit afterwards), so the fit is on covariances. The change is bounded to ``1 +- limit``: a
+    large move means the rounding was chosen for another scale."""
+    u = (q - zero_point[..., None]).astype(np.float64)
+    gram, cross = m.gram, m.cross
+    if centred:
+        gram = gram - m.mean_x[:, :, None] * m.mean_x[:, None, :]
+        cross = cross - m.mean_y[:, :, None] * m.mean_x[:, None, :]
+    num = np.einsum("bok,bok->bo", u, cross)
+    den = np.sum((u @ gram) * u, axis=2)
+    s = scale.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        best = np.where(den > 0, num / den, s)
+    ok = np.isfinite(best) & (best > 0)
+    return np.where(ok, np.clip(best, s * (1 - limit), s * (1 + limit)), s)
+
+
 def round_to_nearest(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
     s = scale[..., None]
     return np.clip(np.round(w / s) + zero_point[..., None], qmin, qmax)

@@ -5,7 +5,9 @@ DequantizeLinear, the rounding of every weight (up or down) is chosen to reprodu
 the float model's layer output is the target, the quantized weights on the inputs the *quantized* model gives
 the layer are the candidate, so each layer also absorbs the error of the layers before it. The loss needs only
 second moments (``onnxopt.reconstruct``), streamed over the calibration data; then the bias is refit so the mean
-output error is zero (AdaQuant's bias correction). Scales, zero points and the graph stay as they were.
+output error is zero (AdaQuant's bias correction), and each output channel's weight scale is refit in closed form
+for the chosen integers (AdaQuant's scale step; an int32 bias's scale moves with it, as the fused integer kernels
+take it to be input scale x weight scale). Zero points and the graph stay as they were.
 
 Layers are fitted in graph order, each on the inputs of the model with every earlier layer already
 reconstructed (one pair of runs per group of layers that do not feed each other). Fitting a chain's layers
@@ -62,6 +64,9 @@ class ReconstructConfig(PassConfig):
     only_if_better: bool = Field(True, description="keep round-to-nearest everywhere when the model's output "
                                  "SQNR on the held-out batches does not go up")
     bias: bool = Field(True, description="refit the bias so the layer's mean output error is zero")
+    scales: bool = Field(True, description="after the rounding, refit each output channel's weight scale in closed "
+                         "form (AdaQuant's scale step; per-channel scales only, the int32 bias rescaled with it), "
+                         "kept when the held-out error goes down")
     float_layers: Literal["refit", "skip"] = Field("refit", description="layers whose weight is a float "
                                                    "initializer (pruned, or float islands): refit: ridge least "
                                                    "squares on the same support (zeros stay zero)")
@@ -100,7 +105,15 @@ class _Layer:
     bias_scale: np.ndarray | None  # int32 bias scale [O], None for a float bias
     bias_now: np.ndarray | None  # the quantized model's bias [B, O]
     per_sample: int = 1  # rows one sample gives (output positions, tokens)
+    scale_value: ir.Value | None = None  # the per-channel weight scale, when ours to change
+    bias_scale_value: ir.Value | None = None  # the int32 bias's scale (input scale x weight scale)
     mode: str = "round"  # round: integer weights behind a DequantizeLinear; refit: a float initializer
+
+
+def _own(v: ir.Value | None, size: int) -> ir.Value | None:
+    """``v`` when it is a constant of ``size`` values that nothing else reads (so ours to rewrite)."""
+    c = constant_value(v) if v is not None else None
+    return v if c is not None and c.size == size and len(v.uses()) == 1 else None
 
 
 def _dq_source(v: ir.Value | None) -> ir.Node | None:
@@ -272,7 +285,7 @@ class Reconstruct(Pass):
                         else np.zeros_like(scale)).astype(np.float32)
             else:
                 scale = zero = np.ones((groups, per_out // groups), np.float32)
-            bias_f = bias_now = bias_value = bias_scale = None
+            bias_f = bias_now = bias_value = bias_scale = bias_scale_value = None
             if op in ("Conv", "Gemm") and len(fnode.inputs) > 2 and fnode.inputs[2] is not None:
                 bias_f = _per_out(constant_value(fnode.inputs[2]), per_out, groups)
                 if bias_f is None:
@@ -285,6 +298,7 @@ class Reconstruct(Pass):
                 bdq = _dq_source(node.inputs[2])
                 if bdq is not None:
                     bias_value = bdq.inputs[0]
+                    bias_scale_value = _own(bdq.inputs[1], per_out)
                     bias_scale = _per_out(constant_value(bdq.inputs[1]), per_out, 1).reshape(-1)
                     bias_now = _per_out(constant_value(bias_value), per_out, groups) * bias_scale.reshape(groups, -1)
                 elif constant_value(node.inputs[2]) is not None:
@@ -292,13 +306,17 @@ class Reconstruct(Pass):
                     bias_now = _per_out(constant_value(bias_value), per_out, groups)
                 if bias_value is not None and (len(bias_value.uses()) != 1 or constant_value(bias_value).size
                                                != per_out):
-                    bias_value = None  # shared or broadcast: not ours to change
+                    bias_value = bias_scale_value = None  # shared or broadcast: not ours to change
             if bias_f is None and bias_now is not None:
                 bias_f = np.zeros_like(bias_now)
+            scale_value = _own(dq.inputs[1], per_out) if dq is not None and per_out > 1 else None
+            if bias_scale is not None and bias_scale_value is None:
+                scale_value = None  # the int32 bias must keep input scale x weight scale, as fused kernels assume
             layers.append(_Layer(len(layers), node, label, fnode.outputs[0].name, node.inputs[0].name, w3,
                                  dq.inputs[0] if dq is not None else node.inputs[1], scale, zero, lo, hi, to_layout,
                                  sample, groups, bias_f, bias_value, bias_scale, bias_now,
-                                 mode="round" if dq is not None else "refit"))
+                                 mode="round" if dq is not None else "refit", scale_value=scale_value,
+                                 bias_scale_value=bias_scale_value))
         return layers, skipped
 
     @staticmethod
@@ -379,36 +397,52 @@ class Reconstruct(Pass):
         else:
             q_new, _ = R.masked_refit(m, q_now, q_now != 0, cfg.refit_damping, centred=refit)
             wq = q_new
-        db_new = db_now
-        if refit:
-            b_new = x.bias_f + R.bias_refit(m, wq)
-            if x.bias_scale is not None:  # int32 at input x weight scale: the value the runtime will add
-                s = x.bias_scale.reshape(x.groups, -1)
-                b_new = np.clip(np.round(b_new / s), -2 ** 31, 2 ** 31 - 1) * s
-            db_new = x.bias_f - b_new
-        # judged on the held-out batches (the fitted ones would favour any rounding)
-        err_new = R.output_error(check, wq, db_new)
+        bias_scale = x.bias_scale.reshape(x.groups, -1) if x.bias_scale is not None else None
+
+        def judged(wq: np.ndarray, bias_scale: np.ndarray | None) -> tuple[float, np.ndarray | None, Any]:
+            """Held-out output error (the fitted batches would favour any change) with the bias refit."""
+            b_new, db_new = None, db_now
+            if refit:
+                b_new = x.bias_f + R.bias_refit(m, wq)
+                if bias_scale is not None:  # int32 at input x weight scale: the value the runtime will add
+                    b_new = np.clip(np.round(b_new / bias_scale), -2 ** 31, 2 ** 31 - 1) * bias_scale
+                db_new = x.bias_f - b_new
+            return R.output_error(check, wq, db_new), b_new, db_new
+
+        err_new, b_new, _ = judged(wq, bias_scale)
+        scale_new = None
+        if x.mode == "round" and cfg.scales and x.scale_value is not None and (refit or x.bias_now is None):
+            s_try = R.refine_scales(m, q_new, x.scale, x.zero, centred=refit).astype(np.float32)
+            bs_try = (bias_scale * (s_try / x.scale)).astype(np.float32) if bias_scale is not None else None
+            wq_try = R.dequant(q_new, s_try, x.zero)
+            err_try, b_try, _ = judged(wq_try, bs_try)
+            if err_try < err_new:
+                err_new, b_new, scale_new, bias_scale, wq = err_try, b_try, s_try, bs_try, wq_try
         after = R.sqnr_db(signal, err_new)
         if not err_new < err_now:
             entry.update(kept=keep, why="error not lowered", sqnr_db_rejected=round(after, 2))
             return entry
-        old = constant_value(x.q_value)
-        undo.append((x.q_value, old))
-        set_constant(x.q_value, x.to_layout(q_new).astype(old.dtype))
+        self._store(undo, x.q_value, x.to_layout(q_new))
+        if scale_new is not None:
+            self._store(undo, x.scale_value, scale_new)
+            if x.bias_scale_value is not None:
+                self._store(undo, x.bias_scale_value, bias_scale)
+            entry["scale_change"] = round(float(np.max(np.abs(scale_new / x.scale - 1))), 4)
         if refit:
-            old_b = constant_value(x.bias_value)
-            undo.append((x.bias_value, old_b))
-            if x.bias_scale is not None:
-                new_b = np.round(b_new.reshape(-1) / x.bias_scale)
-            else:
-                new_b = b_new.reshape(-1)
-            set_constant(x.bias_value, new_b.astype(old_b.dtype).reshape(old_b.shape))
+            new_b = np.round(b_new / bias_scale) if bias_scale is not None else b_new
+            self._store(undo, x.bias_value, new_b)
         if x.mode == "round":
             entry.update(kept="adaround", changed_fraction=round(float(np.mean(q_new != q_now)), 4))
         else:
             entry.update(kept="refit", sparsity=round(float(np.mean(q_new == 0)), 4))
         entry["sqnr_db"] = [round(before, 2), round(after, 2)]
         return entry
+
+    @staticmethod
+    def _store(undo: list[tuple[ir.Value, np.ndarray]], value: ir.Value, new: np.ndarray) -> None:
+        old = constant_value(value)
+        undo.append((value, old))
+        set_constant(value, np.asarray(new).astype(old.dtype).reshape(old.shape))
 
     @staticmethod
     def _current_ints(x: _Layer) -> np.ndarray:

@@ -247,3 +247,46 @@ def test_reverts_every_layer_when_the_model_output_is_not_better(monkeypatch):
 def test_needs_a_quantized_or_pruned_model_before_it():
     with pytest.raises((OnnxoptError, PassError), match="needs quantize-qdq, or prune-weights"):
         _run(_convnet(), [{"type": "reconstruct"}])
+
+
+def test_refined_scale_is_the_per_channel_optimum():
+    m, w, s, z = _layer(noise=0.05)
+    q = R.adaround(m, w, s, z, -8, 7, iters=200, lam=3.0, lr=0.05)
+    s2 = R.refine_scales(m, q, s, z, centred=False, limit=10.0)
+    e0, e2 = R.output_error(m, R.dequant(q, s, z)), R.output_error(m, R.dequant(q, s2, z))
+    assert e2 < e0 and not np.allclose(s2, s)
+    # each row's error is a parabola in its scale: moving any one row's scale off the optimum raises it
+    for o in (0, 7, 31):
+        for f in (0.98, 1.02):
+            s3 = s2.copy()
+            s3[0, o] *= f
+            assert R.output_error(m, R.dequant(q, s3, z)) > e2
+    # the move is bounded (a large one means the rounding was chosen for another scale)
+    bounded = R.refine_scales(m, q, s, z, centred=False, limit=0.001)
+    assert np.all(np.abs(bounded / s - 1) <= 0.001 + 1e-9)
+
+
+def test_refined_scales_keep_the_int32_bias_at_input_times_weight_scale():
+    f = _convnet()
+    # uint8 weights (zero points too): u8 x u8 kernels are exact on every x86 (u8 x s8 saturates without VNNI)
+    plain, _ = _quantize(f, n=512, weight_type="uint8", extra={"iters": 300, "samples": 512, "scales": False})
+    q, res = _quantize(f, n=512, weight_type="uint8", extra={"iters": 300, "samples": 512})
+    layers = res.results[-1].layers
+    assert all(layers[k].get("scale_change", 0) > 0 for k in ("conv1", "fc")), layers
+    c = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    p = {i.name: onnx.numpy_helper.to_array(i) for i in plain.graph.initializer}
+    for w, b, x in (("w1", "b1", "x"), ("dw", "bdw", "r1"), ("w3", "b3", "f")):
+        if w != "dw":
+            assert not np.allclose(c[f"{w}_scale"], p[f"{w}_scale"])
+        np.testing.assert_allclose(c[f"{b}_scale"], c[f"{x}_scale"] * c[f"{w}_scale"], rtol=1e-6)
+    # the fused integer kernels (which take the bias at that scale) compute what the Q/DQ graph says
+    x = _images(128, 9)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_written = ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    fused = _out(q, x)
+    np.testing.assert_allclose(fused, as_written, rtol=0, atol=1e-5)
+    # on held-out inputs the model is closer to float than with the rounding alone (measured 28.98 -> 29.09 dB)
+    ref = _out(f, x)
+    assert _sqnr(ref, fused) > _sqnr(ref, _out(plain, x)) + 0.05
