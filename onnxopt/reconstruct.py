@@ -167,10 +167,7 @@ def refine_scales(m: LayerMoments, q: np.ndarray, scale: np.ndarray, zero_point:
     error (it is refit afterwards), so the fit is on covariances. The change is bounded to ``1 +- limit``: a
     large move means the rounding was chosen for another scale."""
     u = (q - zero_point[..., None]).astype(np.float64)
-    gram, cross = m.gram, m.cross
-    if centred:
-        gram = gram - m.mean_x[:, :, None] * m.mean_x[:, None, :]
-        cross = cross - m.mean_y[:, :, None] * m.mean_x[:, None, :]
+    gram, cross = _covariances(m) if centred else (m.gram, m.cross)
     num = np.einsum("bok,bok->bo", u, cross)
     den = np.sum((u @ gram) * u, axis=2)
     s = scale.astype(np.float64)
@@ -178,6 +175,12 @@ def refine_scales(m: LayerMoments, q: np.ndarray, scale: np.ndarray, zero_point:
         best = np.where(den > 0, num / den, s)
     ok = np.isfinite(best) & (best > 0)
     return np.where(ok, np.clip(best, s * (1 - limit), s * (1 + limit)), s)
+
+
+def _covariances(m: LayerMoments) -> tuple[np.ndarray, np.ndarray]:
+    """The Gram and cross moments with the means taken out (for fits whose bias absorbs the mean error)."""
+    return (m.gram - m.mean_x[:, :, None] * m.mean_x[:, None, :],
+            m.cross - m.mean_y[:, :, None] * m.mean_x[:, None, :])
 
 
 def round_to_nearest(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
@@ -216,10 +219,7 @@ def masked_refit(m: LayerMoments, w0: np.ndarray, keep: np.ndarray, damping: flo
     zeros otherwise)."""
     b_, o_, k = w0.shape
     out = w0.astype(np.float64).copy()
-    gram, cross = m.gram, m.cross
-    if centred:
-        gram = gram - m.mean_x[:, :, None] * m.mean_x[:, None, :]
-        cross = cross - m.mean_y[:, :, None] * m.mean_x[:, None, :]
+    gram, cross = _covariances(m) if centred else (m.gram, m.cross)
     for b in range(b_):
         lam = damping * float(np.trace(gram[b])) / k
         if not lam > 0:  # no input power at all: nothing to fit

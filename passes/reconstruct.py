@@ -399,23 +399,22 @@ class Reconstruct(Pass):
             wq = q_new
         bias_scale = x.bias_scale.reshape(x.groups, -1) if x.bias_scale is not None else None
 
-        def judged(wq: np.ndarray, bias_scale: np.ndarray | None) -> tuple[float, np.ndarray | None, Any]:
+        def judged(wq: np.ndarray, bias_scale: np.ndarray | None) -> tuple[float, np.ndarray | None]:
             """Held-out output error (the fitted batches would favour any change) with the bias refit."""
-            b_new, db_new = None, db_now
-            if refit:
-                b_new = x.bias_f + R.bias_refit(m, wq)
-                if bias_scale is not None:  # int32 at input x weight scale: the value the runtime will add
-                    b_new = np.clip(np.round(b_new / bias_scale), -2 ** 31, 2 ** 31 - 1) * bias_scale
-                db_new = x.bias_f - b_new
-            return R.output_error(check, wq, db_new), b_new, db_new
+            if not refit:
+                return R.output_error(check, wq, db_now), None
+            b_new = x.bias_f + R.bias_refit(m, wq)
+            if bias_scale is not None:  # int32 at input x weight scale: the value the runtime will add
+                b_new = np.clip(np.round(b_new / bias_scale), -2 ** 31, 2 ** 31 - 1) * bias_scale
+            return R.output_error(check, wq, x.bias_f - b_new), b_new
 
-        err_new, b_new, _ = judged(wq, bias_scale)
+        err_new, b_new = judged(wq, bias_scale)
         scale_new = None
         if x.mode == "round" and cfg.scales and x.scale_value is not None and (refit or x.bias_now is None):
             s_try = R.refine_scales(m, q_new, x.scale, x.zero, centred=refit).astype(np.float32)
             bs_try = (bias_scale * (s_try / x.scale)).astype(np.float32) if bias_scale is not None else None
             wq_try = R.dequant(q_new, s_try, x.zero)
-            err_try, b_try, _ = judged(wq_try, bs_try)
+            err_try, b_try = judged(wq_try, bs_try)
             if err_try < err_new:
                 err_new, b_new, scale_new, bias_scale, wq = err_try, b_try, s_try, bs_try, wq_try
         after = R.sqnr_db(signal, err_new)

@@ -147,6 +147,7 @@ def test_latency_is_measured_under_the_models_recorded_session_options(tmp_path)
     # a float-compute model with int8-stored weights runs fast only with session.disable_quant_qdq
     import onnx_ir as ir
 
+    from onnxopt.data import open_data
     from onnxopt.model_io import load_model, save_model
     from onnxopt.timing import record_session
     from onnxopt.tune import _latency
@@ -157,8 +158,6 @@ def test_latency_is_measured_under_the_models_recorded_session_options(tmp_path)
         def profile_kernels(self, c, feed):
             seen.append(c.setting)
             c.kernel_ms.append(1.0)
-
-    from onnxopt.data import open_data
 
     model = load_model(MODEL)
     val = open_data(str(VAL), model)
