@@ -8,7 +8,8 @@ passing each gate, against fp32 and the plain preset, with the gate re-checked o
 Gates (as the issue states them): Lite0 ``--min-top1-agreement 99``, PP-OCR ``--max-accuracy-drop 0.2``,
 MiniLM ``--max-accuracy-drop 0.1``. Each model's data is split three ways: calibration, the validation set
 the search gates every trial on, and a held-out set the search never sees, on which the winner's gate is
-checked again (a search picking among many trials can fit its validation set).
+checked again (a search picking among many trials can fit its validation set). ``--confidence 0.9`` runs the
+tune with its noise-aware gates (a pass on val must hold by more than the noise of the rows that changed).
 
 Splits (full): Lite0 100 calib/ images, val/ 1-300 searched, 301-650 held out; PP-OCR text lines 1-100 calib,
 101-250 searched, 251-400 held out; MiniLM 128 sst2_calib sentences, dev 1-300 searched, 301-872 held out
@@ -172,21 +173,23 @@ def run_task(task: Task, args, cache: Path) -> list:
     from onnxopt.progress import Progress
     from onnxopt.tune import tune
 
-    print(f"[{task.name}] tune {task.gate_text} ...", file=sys.stderr)
+    gate_text = task.gate_text + (f" --confidence {args.confidence:g}" if args.confidence else "")
+    print(f"[{task.name}] tune {gate_text} ...", file=sys.stderr)
     start = time.perf_counter()
     out = cache / "winner.onnx"
     result = tune(task.model, out, calib=task.calib, val=task.val, labels=task.val_labels, gate=dict(task.gate),
                   objective="latency", time_budget_minutes=args.budget, executor=args.executor,
                   workers=args.workers, report_dir=cache / "report", cache_dir=cache / "trials", force=True,
+                  confidence=args.confidence,
                   progress=Progress(enabled=True, stream=sys.stderr) if args.verbose else None)
     seconds = time.perf_counter() - start
     cached = sum(t.cached for t in result.trials)
     for t in result.trials:
-        print(f"  trial {t.index} r{t.round} {t.label}: {'pass' if t.passed else 'fail'} "
+        print(f"  trial {t.index} r{t.round} {t.label}: {'pass' if t.passed else 'fail'} {'; '.join(t.noise)} "
               f"{t.latency_ms if t.latency_ms is not None else ''}", file=sys.stderr)
     plain = next((t for t in result.trials if t.label == task.plain and t.result.get("status") == "ok"), None)
     if result.winner is None:
-        return [task.name, task.gate_text, f"{len(result.trials)} ({cached})", f"{seconds:.0f}", "none passed",
+        return [task.name, gate_text, f"{len(result.trials)} ({cached})", f"{seconds:.0f}", "none passed",
                 *([None] * 8)]
     win = Path(result.output)
     models = {"fp32": task.model, "winner": win}
@@ -207,7 +210,7 @@ def run_task(task: Task, args, cache: Path) -> list:
         return None if v is None else f"{v:.2f}"
 
     plain_ms = lat.get("plain")
-    return [task.name, task.gate_text, f"{len(result.trials)} ({cached})", f"{seconds:.0f}",
+    return [task.name, gate_text, f"{len(result.trials)} ({cached})", f"{seconds:.0f}",
             f"#{result.winner.index} {result.winner.label}",
             f"{fmt(w_val)} / {fmt(w_held)} {'pass' if w_ok else 'FAIL'}",
             None if plain is None else f"{fmt(p_held[0])} {'pass' if p_held[1] else 'fail'}",
@@ -223,6 +226,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=15.0, help="--time-budget per model, minutes")
     ap.add_argument("--executor", default="local", choices=["local", "ray"])
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--confidence", type=float, help="tune --confidence: accuracy/agreement gates must hold at "
+                                                     "this one-sided confidence (default: as measured)")
     ap.add_argument("--cache", type=Path, help="keep trials here (a re-run resumes); default: fresh each run")
     ap.add_argument("-v", "--verbose", action="store_true", help="the tune's progress on stderr")
     args = ap.parse_args()

@@ -239,12 +239,15 @@ def validate(reference, candidate, data, labels, recipe, report_dir, batch_size,
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), help="Write tune.json/.md and junit.xml here.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Trial cache (default: <report or output folder>/.onnxopt-tune).")
 @click.option("--keep-failed", is_flag=True, help="When no trial passes, write the best failing model anyway.")
+@click.option("--confidence", type=click.FloatRange(min=0.5, max=1, min_open=True, max_open=True),
+              help="Accuracy-drop and top-1-agreement gates must hold at this one-sided confidence given the rows "
+                   "that changed (e.g. 0.9); default: as measured on --val.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite the output if it exists.")
 @data_options
 @gate_options
 @click.option("-q", "--quiet", is_flag=True, help="No progress or tables, only errors.")
 def tune(model, output, calib, val, labels, recipe, objective, time_budget, executor, ray_address, workers, report_dir,
-         cache_dir, keep_failed, force, data_layout, dims, quiet, **kw):
+         cache_dir, keep_failed, confidence, force, data_layout, dims, quiet, **kw):
     """Search for the fastest (or smallest) model that passes the gate; write it to OUTPUT."""
     from onnxopt.tune import tune as run
     from onnxopt.tune_report import markdown
@@ -253,7 +256,7 @@ def tune(model, output, calib, val, labels, recipe, objective, time_budget, exec
                  objective=objective, time_budget_minutes=time_budget, executor=executor, ray_address=ray_address,
                  workers=workers, report_dir=report_dir, keep_failed=keep_failed, force=force,
                  data_layout=data_layout, dims=dims, cache_dir=cache_dir, progress=_progress(quiet),
-                 command=_command_line())
+                 command=_command_line(), confidence=confidence)
     if not quiet:
         click.echo(markdown(result, objective or "latency"))
         for path in result.reports:

@@ -181,7 +181,8 @@ class AccuracyStats:
         self.correct = 0
         self.samples = 0
 
-    def update(self, logits: np.ndarray, labels: np.ndarray) -> None:
+    def update(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Counts the batch; returns which of its rows are right (to pair a reference's with a candidate's)."""
         logits, labels = np.asarray(logits), np.asarray(labels).reshape(-1)
         if logits.ndim == 2:
             pred = np.argmax(logits, axis=1)
@@ -191,8 +192,10 @@ class AccuracyStats:
             raise ValueError(f"accuracy needs [N, C] scores or [N] class ids, got shape {list(logits.shape)}")
         if pred.shape[0] != labels.shape[0]:
             raise ValueError(f"{pred.shape[0]} predictions but {labels.shape[0]} labels")
-        self.correct += int(np.count_nonzero(pred == labels))
+        right = pred == labels
+        self.correct += int(np.count_nonzero(right))
         self.samples += int(labels.shape[0])
+        return right
 
     def result(self) -> float | None:
         return 100.0 * self.correct / self.samples if self.samples else None

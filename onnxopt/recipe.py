@@ -101,6 +101,10 @@ class TuneConfig(_Strict):
     presets: list[str] | None = Field(None, description="first-round presets (default: chosen from the model)")
     max_layers: int = Field(16, ge=1, description="most layers the search takes out of int8")
     trial_timeout_minutes: float = Field(30.0, gt=0, description="a trial running longer is recorded as failed")
+    confidence: float | None = Field(
+        None, gt=0.5, lt=1, description="a trial passes the accuracy-drop / top-1-agreement gates only if they "
+                                        "hold at this one-sided confidence, given how many validation rows "
+                                        "changed (default: the gate as measured)")
 
 
 class Recipe(_Strict):

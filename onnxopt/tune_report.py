@@ -32,6 +32,8 @@ def markdown(result, objective: str, command: str | None = None) -> str:
     for t in d["trials"]:
         res = t["status"] + (" (cached)" if t["cached"] else "")
         fails = ", ".join(t["failed_checks"]) or (t["error"] or "")
+        if t.get("within_noise"):
+            fails = "within noise: " + "; ".join(t["within_noise"])
         lines.append(f"| {t['trial']} | {t['round']} | {t['config']} | {res} | {t['latency_ms'] or ''} | "
                      f"{t['size_mb'] or ''} | {fails} | {t['seconds']:.1f} |")
     if d["precision_map"]:
@@ -53,7 +55,8 @@ def junit(result) -> ET.ElementTree:
         case = ET.SubElement(suite, "testcase", classname="onnxopt.tune", name=f"trial {t['trial']}: {t['config']}",
                              time=f"{t['seconds']:.2f}")
         if t["status"] == "fail":
-            ET.SubElement(case, "failure", message=", ".join(t["failed_checks"]) or "gate failed")
+            ET.SubElement(case, "failure", message=", ".join(t["failed_checks"]) or "; ".join(t.get("within_noise", []))
+                          or "gate failed")
         elif t["status"] == "error":
             ET.SubElement(case, "error", message=t["error"] or "error")
     return ET.ElementTree(suite)

@@ -39,10 +39,12 @@ def run_trial(job: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
     report = validate(job["model"], out, val, labels=labels, gate=GateConfig.model_validate(job.get("gate") or {}),
                       batch_size=data_cfg.batch_size)
     size = sum(f.stat().st_size for f in out.parent.iterdir() if f.name == out.name or f.name.startswith(out.name + "."))
-    metrics = {"accuracy_drop_pt": report.accuracy_drop_pt, "accuracy_pct": report.accuracy_candidate_pct}
+    metrics = {"accuracy_drop_pt": report.accuracy_drop_pt, "accuracy_pct": report.accuracy_candidate_pct,
+               "accuracy_rows": report.accuracy_rows, "accuracy_changed_rows": report.accuracy_changed}
     for name, m in report.outputs.items():
         metrics[f"{name}.sqnr_db"] = m.sqnr_db
         metrics[f"{name}.top1_agreement_pct"] = m.top1_agreement_pct
+        metrics[f"{name}.samples"] = m.samples
     return {"status": "ok", "passed": report.passed, "checks": [c.to_dict() for c in report.checks],
             "metrics": metrics, "size_bytes": size, "build_s": round(built - start, 2),
             "validate_s": round(time.perf_counter() - built, 2), "output": str(out),

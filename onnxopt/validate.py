@@ -93,6 +93,9 @@ class ValidationReport:
     accuracy_candidate_pct: float | None = None
     accuracy_drop_pt: float | None = None
     accuracy_output: str | None = None
+    # rows right in one model and wrong in the other: the drop's noise (its s.d. is about sqrt of this count)
+    accuracy_changed: int | None = None
+    accuracy_rows: int | None = None
     labels: bool = False
     gate: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -140,6 +143,8 @@ class ValidationReport:
                 "reference_pct": self.accuracy_reference_pct,
                 "candidate_pct": self.accuracy_candidate_pct,
                 "drop_pt": self.accuracy_drop_pt,
+                "rows": self.accuracy_rows,
+                "changed_rows": self.accuracy_changed,
             },
             "outputs": {name: m.to_dict() for name, m in self.outputs.items()},
             "checks": [c.to_dict() for c in self.checks],
@@ -348,7 +353,7 @@ def validate(reference: ModelRef, candidate: ModelRef, data: DataSource, *,
     acc_ref, acc_cand = AccuracyStats(), AccuracyStats()
     acc_output: str | None = None
     acc_order = list(gate.outputs or []) + [o for o in tensor_outs if o not in (gate.outputs or [])]
-    done = labelled = 0
+    done = labelled = changed = 0
     with progress.task("validating", len(data)) as bar:
         for batch in data.batches(bs):
             n = samples_in(batch)
@@ -366,8 +371,8 @@ def validate(reference: ModelRef, candidate: ModelRef, data: DataSource, *,
                 y = labels[labelled:labelled + rows]
                 labelled += rows
                 try:
-                    acc_ref.update(ref_out[acc_output], y)
-                    acc_cand.update(cand_out[acc_output], y)
+                    changed += int(np.count_nonzero(acc_ref.update(ref_out[acc_output], y)
+                                                    != acc_cand.update(cand_out[acc_output], y)))
                 except ValueError as exc:
                     raise OnnxoptError(f"accuracy on output {acc_output!r}: {exc}") from None
             done += n
@@ -395,6 +400,8 @@ def validate(reference: ModelRef, candidate: ModelRef, data: DataSource, *,
         accuracy_candidate_pct=acc_c,
         accuracy_drop_pt=drop,
         accuracy_output=acc_output,
+        accuracy_changed=changed if labels is not None else None,
+        accuracy_rows=labelled if labels is not None else None,
         labels=labels is not None,
         gate=gate.model_dump(exclude_none=True),
         notes=notes,

@@ -88,6 +88,9 @@ def test_accuracy_with_labels():
     assert rep.accuracy_reference_pct == pytest.approx(80.0, abs=1e-12)
     assert rep.accuracy_candidate_pct == pytest.approx(60.0, abs=1e-12)
     assert rep.accuracy_drop_pt == pytest.approx(20.0, abs=1e-12)
+    # rows 2 and 3 became wrong, row 4 right: three changed, net one (the drop's noise is in the count)
+    assert (rep.accuracy_changed, rep.accuracy_rows) == (3, 5)
+    assert rep.to_dict()["accuracy"]["changed_rows"] == 3
     (check,) = rep.checks
     assert check.name == "accuracy_drop_pt" and check.status == "fail" and not rep.passed
 
