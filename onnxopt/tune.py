@@ -5,14 +5,17 @@ order, so the same inputs give the same trials and the same answer whatever runs
 
 1. **Presets that fit the model**: ``cleanup`` (float: passes any gate it defines, the answer of last
    resort), the ``int8`` family (``int8``, ``int8-accurate`` where installed, and ``int8`` with percentile
-   ranges), ``int8-dynamic`` for attention models; for ``--objective size`` also ``mixed``/``w4a8``.
+   ranges), the fused float model and ``int8-dynamic`` for attention models; for ``--objective size`` also
+   ``mixed``/``w4a8``.
 2. **Layers out of int8, guided by where the error starts**: the fastest quantized trial that failed is
    localized against the original on calibration data (``onnxopt.localize``); the layers where the error
    jumps most go to 16-bit activations, or float, a growing number at a time (1, 2, 4, 8, 16).
 
-Every trial is validated in ONNX Runtime against the original on ``val`` with the user's gate. Latency is
-measured here, one model after the other (ORT's kernel times at batch 1, one thread: ``onnxopt.timing``),
-size from the file. Results are cached under the cache folder by the content of the model, recipe, data
+Every trial is validated in ONNX Runtime against the original on ``val`` with the user's gate. With
+``confidence``, an accuracy-drop or top-1-agreement gate counts as passed only if it holds at that one-sided
+confidence given the rows that changed (``within_noise``): a search keeps the luckiest of many trials, and
+a 0.1-pt gate on 300 rows is decided by one row. Latency is measured here, one model after the other (ORT's
+kernel times at batch 1, one thread: ``onnxopt.timing``), size from the file. Results are cached under the cache folder by the content of the model, recipe, data
 and gate: a re-run reuses every trial (and its latency) and says so.
 """
 
@@ -73,6 +76,7 @@ class TuneResult:
     precision: dict[str, str] = field(default_factory=dict)
     interrupted: bool = False
     confidence: float | None = None
+    notes: list[str] = field(default_factory=list)
     reports: list[Path] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -86,7 +90,7 @@ class TuneResult:
                 "baseline_fp32_ms": self.baseline_ms, "trials": [t.row() for t in self.trials],
                 "precision_map": self.precision, "interrupted": self.interrupted,
                 "cached_trials": sum(t.cached for t in self.trials), "seconds": round(self.seconds, 1),
-                "confidence": self.confidence,
+                "confidence": self.confidence, "notes": list(self.notes),
                 "output": str(self.output) if self.output else None}
 
 
@@ -119,6 +123,19 @@ def _check_gate(gate: GateConfig, model, val, labels) -> None:
     if gate.is_empty():
         raise OnnxoptError("tune needs a gate: give --max-accuracy-drop, --min-top1-agreement, --min-sqnr-db, "
                            "--min-cosine, ... (or gate: in the recipe)")
+
+
+def _resolution_notes(gate: GateConfig, rows: int, labels) -> list[str]:
+    """Gates finer than one validation row: any single changed row decides them."""
+    out = []
+    one = 100.0 / rows if rows else 0.0
+    if gate.max_accuracy_drop_pt is not None and labels is not None and gate.max_accuracy_drop_pt < 100.0 / len(labels):
+        out.append(f"--max-accuracy-drop {gate.max_accuracy_drop_pt:g} is less than one of the {len(labels)} labelled "
+                   f"rows ({100.0 / len(labels):.2f} pt): a pass is decided by single rows, and the search keeps the "
+                   f"luckiest trial; --confidence 0.9 (or more --val data) makes a pass hold beyond the noise")
+    if gate.min_top1_agreement_pct is not None and 0 < 100.0 - gate.min_top1_agreement_pct < one:
+        out.append(f"--min-top1-agreement {gate.min_top1_agreement_pct:g} allows no disagreement on {rows} rows")
+    return out
 
 
 # -- the search -------------------------------------------------------------------------------------------
@@ -267,6 +284,9 @@ def tune(model_path: str | Path, output: str | Path | None = None, *, calib: str
     val_labels = load_labels(labels, val_data) if labels is not None else None
     g = merge_gate(rec.gate, gate)
     _check_gate(g, model, val_data, val_labels)
+    notes = [] if confidence is not None else _resolution_notes(g, len(val_data), val_labels)
+    for n in notes:
+        progress.message(f"note: {n}")
 
     cache = Path(cache_dir) if cache_dir is not None else Path(report_dir or Path(output or model_path).parent) / ".onnxopt-tune"
     cache.mkdir(parents=True, exist_ok=True)
@@ -304,7 +324,7 @@ def tune(model_path: str | Path, output: str | Path | None = None, *, calib: str
     if confidence is not None:
         why += (f"; gates held at {confidence:.0%} confidence ({noisy} trial(s) passed on val only within the "
                 f"noise of the rows that changed)")
-    result = TuneResult(trials, winner, why, baseline, interrupted=interrupted, confidence=confidence)
+    result = TuneResult(trials, winner, why, baseline, interrupted=interrupted, confidence=confidence, notes=notes)
     if winner is not None:
         result.precision = _precision_map(winner.result["output"])
     pick = winner if winner is not None else (_best_failed(trials) if keep_failed else None)

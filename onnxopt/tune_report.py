@@ -25,6 +25,7 @@ def markdown(result, objective: str, command: str | None = None) -> str:
         lines += [f"**Winner**: trial {w['trial']} `{w['config']}` - {d['why']}{speed}.", ""]
     if d["interrupted"]:
         lines += ["Interrupted: the trials so far; no model written.", ""]
+    lines += [f"Note: {n}" for n in d.get("notes", [])] + ([""] if d.get("notes") else [])
     lines += [f"Objective: {objective}; {len(d['trials'])} trials ({d['cached_trials']} cached); "
               f"{d['seconds']} s; original (fp32) kernel time {base if base is None else round(base, 3)} ms.", "",
               "| # | round | config | result | latency ms | size MB | failed checks | s |",

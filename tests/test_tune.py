@@ -187,13 +187,15 @@ def test_confidence_rejects_a_pass_within_the_noise_of_the_rows_that_changed(tmp
     # on this data w4a8 changes one row of 597 (for the better): a pass as measured, the fastest
     assert (w4["accuracy_rows"], w4["accuracy_changed_rows"]) == (597, 1) and w4["accuracy_drop_pt"] < 0
     assert literal.winner.label == "w4a8" and by["int4-weight-only"].result["metrics"]["accuracy_changed_rows"] == 0
+    [note] = literal.notes  # a 0-pt gate is finer than one row: the user is told, and pointed at --confidence
+    assert "less than one of the 597 labelled rows (0.17 pt)" in note and "--confidence" in note
     # at 90 %: -0.17 + 1.28 * 100 * sqrt(1) / 597 = +0.05 pt > 0 -> within noise; int4-weight-only changed nothing
     assert all(t.cached for t in sure.trials)
     noisy = {t.label: t.noise for t in sure.trials if t.noise}
     assert list(noisy) == ["w4a8"] and "+ 0.21 (noise of 1 of 597 rows) > 0" in noisy["w4a8"][0]
     assert sure.winner.label == "int4-weight-only" and "90% confidence" in sure.why
     doc = json.loads((tmp_path / "rep" / "tune.json").read_text())
-    assert doc["confidence"] == 0.9
+    assert doc["confidence"] == 0.9 and doc["notes"] == [] == sure.notes
     row = next(t for t in doc["trials"] if t["config"] == "w4a8")
     assert row["status"] == "fail" and row["within_noise"] == noisy["w4a8"]
 
