@@ -15,8 +15,9 @@ Every trial is validated in ONNX Runtime against the original on ``val`` with th
 ``confidence``, an accuracy-drop or top-1-agreement gate counts as passed only if it holds at that one-sided
 confidence given the rows that changed (``within_noise``): a search keeps the luckiest of many trials, and
 a 0.1-pt gate on 300 rows is decided by one row. Latency is measured here, one model after the other (ORT's
-kernel times at batch 1, one thread: ``onnxopt.timing``), size from the file. Results are cached under the cache folder by the content of the model, recipe, data
-and gate: a re-run reuses every trial (and its latency) and says so.
+kernel times at batch 1, one thread: ``onnxopt.timing``), size from the file. Results are cached under the
+cache folder by the content of the model, recipe, data and gate: a re-run reuses every trial (and its
+latency) and says so.
 """
 
 from __future__ import annotations
@@ -128,12 +129,13 @@ def _check_gate(gate: GateConfig, model, val, labels) -> None:
 def _resolution_notes(gate: GateConfig, rows: int, labels) -> list[str]:
     """Gates finer than one validation row: any single changed row decides them."""
     out = []
-    one = 100.0 / rows if rows else 0.0
-    if gate.max_accuracy_drop_pt is not None and labels is not None and gate.max_accuracy_drop_pt < 100.0 / len(labels):
-        out.append(f"--max-accuracy-drop {gate.max_accuracy_drop_pt:g} is less than one of the {len(labels)} labelled "
-                   f"rows ({100.0 / len(labels):.2f} pt): a pass is decided by single rows, and the search keeps the "
-                   f"luckiest trial; --confidence 0.9 (or more --val data) makes a pass hold beyond the noise")
-    if gate.min_top1_agreement_pct is not None and 0 < 100.0 - gate.min_top1_agreement_pct < one:
+    if gate.max_accuracy_drop_pt is not None and labels is not None and len(labels):
+        one = 100.0 / len(labels)
+        if gate.max_accuracy_drop_pt < one:
+            out.append(f"--max-accuracy-drop {gate.max_accuracy_drop_pt:g} is less than one of the {len(labels)} "
+                       f"labelled rows ({one:.2f} pt): a pass is decided by single rows, and the search keeps "
+                       f"the luckiest trial; --confidence 0.9 (or more --val data) makes a pass hold beyond the noise")
+    if gate.min_top1_agreement_pct is not None and rows and 0 < 100.0 - gate.min_top1_agreement_pct < 100.0 / rows:
         out.append(f"--min-top1-agreement {gate.min_top1_agreement_pct:g} allows no disagreement on {rows} rows")
     return out
 
