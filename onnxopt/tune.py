@@ -48,7 +48,12 @@ class Trial:
     result: dict[str, Any] = field(default_factory=dict)
     latency_ms: float | None = None
     cached: bool = False
-    noise: list[str] = field(default_factory=list)  # gates passed on val only by less than their noise
+    z: float | None = None  # with confidence: the gates must hold by this many standard errors of their noise
+
+    @property
+    def noise(self) -> list[str]:
+        """The gates passed on val only by less than their noise (none without confidence)."""
+        return within_noise(self.result, self.z) if self.z is not None else []
 
     @property
     def passed(self) -> bool:
@@ -322,8 +327,8 @@ def tune(model_path: str | Path, output: str | Path | None = None, *, calib: str
         if t.passed and t.latency_ms is None and not interrupted:
             t.latency_ms = _latency(t.result["output"], val_data, cache)
     winner, why = _choose(trials, objective, interrupted)
-    noisy = sum(bool(t.noise) for t in trials)
     if confidence is not None:
+        noisy = sum(bool(t.noise) for t in trials)
         why += (f"; gates held at {confidence:.0%} confidence ({noisy} trial(s) passed on val only within the "
                 f"noise of the rows that changed)")
     result = TuneResult(trials, winner, why, baseline, interrupted=interrupted, confidence=confidence, notes=notes)
@@ -396,13 +401,12 @@ def _run_round(trials: list[Trial], plan: list[tuple[str, dict]], rnd: int, job:
                cache: Path, ex, progress: Progress, z: float | None = None) -> None:
     todo: list[Trial] = []
     for label, recipe in plan:
-        t = Trial(len(trials) + 1, label, recipe, rnd, key=_trial_key(base_key, recipe))
+        t = Trial(len(trials) + 1, label, recipe, rnd, key=_trial_key(base_key, recipe), z=z)
         trials.append(t)
         done = cache / "trials" / t.key / "result.json"
         model = cache / "trials" / t.key / "model.onnx"
         if done.is_file() and (model.is_file() or json.loads(done.read_text()).get("status") != "ok"):
             t.result, t.cached = json.loads(done.read_text()), True
-            t.noise = within_noise(t.result, z) if z is not None else []
             lat = cache / "trials" / t.key / "latency_ms.json"
             if lat.is_file():
                 t.latency_ms = json.loads(lat.read_text())
@@ -417,7 +421,6 @@ def _run_round(trials: list[Trial], plan: list[tuple[str, dict]], rnd: int, job:
               "output": str(cache / "trials" / t.key / "model.onnx")} for t in todo]
     for t, r in zip(todo, ex.map(job, specs), strict=True):
         t.result = r
-        t.noise = within_noise(r, z) if z is not None else []
         folder = cache / "trials" / t.key
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "result.json").write_text(json.dumps(r, sort_keys=True, default=str))
