@@ -70,8 +70,8 @@ with error correction -4.00; sparsities allocated on end-to-end curves instead (
 curves are not what is missing. Then (650 val, 200 calibration images; the preset -1.85 pt, fp32 agreement
 90.5 %, but only 92.0 % agreement on the calibration images themselves, so the fit is short in-sample too):
 shrinking H's off-diagonal toward its diagonal (grid 0.1-1, held-out choice) -2.46; shrinkage 1 (Wanda-like,
-no OBS update) -5.23; the classifier's pooled-input Gram (200 rows for 1280 inputs) plus the pre-pool
-per-position Gram of the same tensor (49 rows per image, scaled to equal trace) as its ridge target -1.38
+no OBS update) -5.23; adding to the classifier's pooled-input Gram (200 rows for 1280 inputs) the pre-pool
+per-position Gram of the same tensor (49 rows per image, scaled to equal trace) -1.38
 (agreement 91.1 %) -- 3 images, inside the noise of 650 (s.d. about 1.2 pt), so not built in.
 Memory: one float64 ``H`` per layer (``reduction^2``) per group.
 """
