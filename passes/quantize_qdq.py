@@ -256,6 +256,8 @@ class QuantizeQDQ(Pass):
     Config = QuantizeQDQConfig
     # Bias-correction means computed earlier for the same float model (set by latency-placement).
     precomputed_means: tuple[dict[str, np.ndarray], int] | None = None
+    # The anchor ops the last call's plan left float (node ids), for ``ensures``.
+    _left_float: frozenset[int] = frozenset()
 
     # -- entry points ----------------------------------------------------------------------------
     def requires(self, model: ir.Model) -> None:
@@ -318,6 +320,7 @@ class QuantizeQDQ(Pass):
                 work.collect_means(data)
         work.run()
         shielded = shield_float_ops(work.model, work.excluded) if work.excluded else 0
+        self._left_float = frozenset(work.excluded_ids)
         details: dict[str, Any] = {
             "scheme": choice.scheme,
             "scheme_reason": choice.reason,
@@ -364,10 +367,15 @@ class QuantizeQDQ(Pass):
         # One QuantizeLinear per tensor, and a DequantizeLinear shared by several nodes never feeds
         # a node all of whose inputs are dequantized (a QDQ group: ORT would not fuse it).
         seen: dict[str, str] = {}
+        # an op the plan excluded may sit between a shared DQ and a Q (its reader is quantized): ORT does
+        # not fuse it because the DQ is shared, which is what the exclusion asked for
+        left_float = self._left_float
 
         def grouped(node: ir.Node) -> bool:
             # DQ -> op -> Q (or DQ -> MatMul/Conv/Gemm, fused without the Q); an op left float may read
             # dequantized values from a shared DQ
+            if id(node) in left_float:
+                return False
             xs = [x for x in node.inputs if x is not None]
             requantized = node.op_type in COMPUTE_OPS or any(
                 u.node.op_type == "QuantizeLinear" for o in node.outputs for u in o.uses())
@@ -489,6 +497,7 @@ class _Quantizer:
         self.weight_quant: dict[str, WeightQuant] = {}
         self.skipped: dict[str, str] = {}
         self.excluded: list[str] = []
+        self.excluded_ids: set[int] = set()  # the anchor ops the plan leaves float (ids of their nodes)
         self.weight_only: list[str] = []
         self._tensor_settings: dict[str, str] = {}  # tensor -> activation type (overrides)
         self._excluded_tensors: set[str] = set()
@@ -696,6 +705,7 @@ class _Quantizer:
             label = n.name or f"{n.op_type}#{pos}"
             if s.excluded:
                 self.excluded.append(label)
+                self.excluded_ids.add(id(n))
                 continue
             plan = self._anchor(n, s)
             if plan is None:

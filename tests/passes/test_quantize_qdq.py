@@ -462,6 +462,37 @@ def test_excluded_conv_between_quantized_ops_really_stays_float():
     np.testing.assert_allclose(run(res.model, feeds), run_spec(res.model, feeds), rtol=0, atol=1e-5)
 
 
+def test_excluded_ops_may_share_a_dq_between_quantized_neighbours():
+    """Squeeze-excitation with the pooling and the scaling Mul excluded (a latency-placement candidate on
+    the PP-OCR classifier): both read the Relu's one shared DQ, and the pooling's output is quantized for
+    the conv after it (DQ -> op -> Q). The postcondition took that for a quantized op on a shared DQ and
+    failed the pass; an op the plan left float is not one. (ORT 1.32 gives each node its own copy of a
+    shared DQ and still fuses such weightless ops into integer kernels: the same numbers as the QDQ graph.)"""
+    r = np.random.default_rng(5)
+    model = make_model([helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="first"),
+                        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+                        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="squeeze"),
+                        helper.make_node("Conv", ["g", "w2", "b2"], ["e"], name="excite"),
+                        helper.make_node("Sigmoid", ["e"], ["s"], name="gate"),
+                        helper.make_node("Mul", ["r", "s"], ["m"], name="scale"),
+                        helper.make_node("Conv", ["m", "w3", "b3"], ["y"], name="project")],
+                       [("x", ["N", 3, 6, 6])], ["y"],
+                       {"w1": r.standard_normal((4, 3, 1, 1)), "b1": r.standard_normal(4),
+                        "w2": r.standard_normal((4, 4, 1, 1)), "b2": r.standard_normal(4),
+                        "w3": r.standard_normal((5, 4, 1, 1)), "b3": r.standard_normal(5)})
+    feeds = x_feed((3, 6, 6))
+    res = quantize_model(model, feeds, exclude_nodes=["squeeze", "scale"])
+    assert res.details["excluded_nodes"] == ["squeeze", "scale"]
+    dq = node_by_output(res.model, next(n for n in res.model.graph.node if n.name == "squeeze").input[0])
+    readers = sorted(n.name for n in res.model.graph.node if dq.output[0] in n.input)
+    assert dq.op_type == "DequantizeLinear" and readers == ["scale", "squeeze"]
+    assert integer_kernels(res.model)[0] == {"QLinearConv": 3}
+    out = run(res.model, feeds)
+    np.testing.assert_allclose(out, run_spec(res.model, feeds), rtol=0, atol=1e-5)
+    ref = run(model, feeds)
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((out - ref) ** 2)) > 30  # int8 of a 3-conv net: ~41 dB
+
+
 def test_overrides_weight_type_weight_only_and_exclude():
     model = two_convs()
     feeds = x_feed((3, 4, 4))
