@@ -51,7 +51,7 @@ from onnxopt.mixed import (
 )
 from onnxopt.model_io import atomic_write
 from onnxopt.pass_infra import Pass, PassConfig
-from onnxopt.runtime import make_session, run_batch
+from onnxopt.runtime import make_session, run_batch, static_batch
 
 
 class BitAssignmentConfig(PassConfig):
@@ -225,9 +225,10 @@ class BitAssignment(Pass):
             sess = make_session(m, threads=1, what="model (bit-assignment check)")
             n = labels.shape[0]
             hits = 0
-            for i in range(0, n, cfg.batch_size):
-                y = run_batch(sess, {k: v[i:i + cfg.batch_size] for k, v in feeds.items()}, [out_name])[out_name]
-                hits += int((np.asarray(y).argmax(axis=1) == labels[i:i + cfg.batch_size]).sum())
+            step = min(cfg.batch_size, static_batch(sess) or cfg.batch_size)  # a static batch dim caps it
+            for i in range(0, n, step):
+                y = run_batch(sess, {k: v[i:i + step] for k, v in feeds.items()}, [out_name])[out_name]
+                hits += int((np.asarray(y).argmax(axis=1) == labels[i:i + step]).sum())
             return 100.0 * hits / n
 
         def drop(k: int) -> float:

@@ -51,7 +51,7 @@ from onnxopt.model_io import estimated_size, has_external_data, load_model, save
 from onnxopt.pass_infra import Pass, PassConfig
 from onnxopt.quant import activation_params
 from onnxopt.ranges import CalibrationResult
-from onnxopt.runtime import FILE_SESSION_BYTES, make_session, run_batch
+from onnxopt.runtime import FILE_SESSION_BYTES, make_session, run_batch, static_batch
 
 
 class SignificanceConfig(PassConfig):
@@ -243,7 +243,9 @@ class Significance(Pass):
         if metric == "auto":
             metric = "cross-entropy" if labels is not None else "kl"
         sess = make_session(model, threads=1, what="model (significance)")
-        ref = np.concatenate([run_batch(sess, b, [output])[output] for b in _batches(feeds, cfg.batch_size)])
+        # a static batch dim (YOLOX-Nano's export: 1) caps the batch the scoring runs are cut into
+        batch_size = min(cfg.batch_size, static_batch(sess) or cfg.batch_size)
+        ref = np.concatenate([run_batch(sess, b, [output])[output] for b in _batches(feeds, batch_size)])
         if metric in ("cross-entropy", "kl") and (ref.ndim != 2 or ref.shape[1] < 2):
             if metric == "cross-entropy":
                 raise PreconditionError(f"cross-entropy needs [N, C] class scores; output {output!r} is "
@@ -276,7 +278,7 @@ class Significance(Pass):
                     r = cal.ranges[c.tensor]
                     ranges[c.tensor] = (float(r.min), float(r.max))
                     components.append(c)
-        args = (model, feeds, output, metric, labels, cfg.batch_size, cfg.weight_bits,
+        args = (model, feeds, output, metric, labels, batch_size, cfg.weight_bits,
                 cfg.activation_bits, ranges, ref, cfg.weight_clipping)
         scores = self._run(components, args, cfg.workers or self.context.workers)
         entries = [ScoreEntry(c.name, c.kind, c.op_type, c.tensor, c.params, scores[c.name]) for c in components]

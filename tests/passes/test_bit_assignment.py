@@ -155,6 +155,22 @@ def test_max_accuracy_drop_budget():
     assert res.weight_bits == {"easy1": 4, "hard": 16, "easy3": 4} and v["upgrades"] == 2
 
 
+def test_max_accuracy_drop_budget_on_a_static_batch_model():
+    """The accuracy checks run one sample at a time on a model whose batch dim is a literal 1, with the
+    same outcome as the dynamic-batch model's."""
+    model, x = three_layer_model()
+    for v in (model.graph.input[0], model.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    labels = np.concatenate([ort_run(model, {"x": x[i:i + 1]})[0] for i in range(len(x))]).argmax(1)
+    ctx = PassContext(calibration=from_arrays({"x": x}, model), calibration_labels=labels.astype(np.int64))
+    res = PassManager([Significance(SignificanceConfig(), ctx),
+                       BitAssignment(BitAssignmentConfig(max_accuracy_drop_pt=0.0), ctx)]
+                      ).run(model).results[-1]
+    v = res.details["verification"]
+    assert v["reference_top1_pct"] == 100.0 and v["top1_drop_pt"] == 0.0
+    assert res.weight_bits == {"easy1": 4, "hard": 16, "easy3": 4} and v["upgrades"] == 2
+
+
 def test_presets_parse():
     for name in ("mixed", "mixed-semantic"):
         rec = load_preset(name)

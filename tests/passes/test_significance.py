@@ -67,6 +67,21 @@ def test_sensitive_layer_gets_top_score_without_labels():
     assert res.model is not None and not PassManager([]).run(model).modified
 
 
+def test_static_batch_model_is_scored_one_sample_at_a_time():
+    """An export with a literal batch dim of 1 (YOLOX-Nano's) used to fail: the scoring data was cut into
+    batches of ``batch_size`` regardless. Scores equal the dynamic-batch model's."""
+    model, x = three_layer_model()
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for v in (fixed.graph.input[0], fixed.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    dynamic = run_significance(model, x, max_samples=12).scores
+    static = run_significance(fixed, x, max_samples=12).scores
+    assert set(static) == {"easy1", "hard", "easy3"} and static["hard"] > 1e-3
+    for k, v in dynamic.items():
+        assert static[k] == pytest.approx(v, rel=1e-4, abs=1e-9)
+
+
 def test_kl_score_matches_numpy():
     model, x = three_layer_model()
     res = run_significance(model, x, max_samples=40, metric="kl")
