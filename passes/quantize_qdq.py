@@ -367,8 +367,9 @@ class QuantizeQDQ(Pass):
         # One QuantizeLinear per tensor, and a DequantizeLinear shared by several nodes never feeds
         # a node all of whose inputs are dequantized (a QDQ group: ORT would not fuse it).
         seen: dict[str, str] = {}
-        # an op the plan excluded may sit between a shared DQ and a Q (its reader is quantized): ORT does
-        # not fuse it because the DQ is shared, which is what the exclusion asked for
+        # an op the plan excluded may read a shared DQ and feed a Q (its reader is quantized): it is not a
+        # quantized op on a shared DQ. (ORT 1.32 copies shared DQs and may still fuse such a weightless op
+        # into an integer kernel; the numbers are the QDQ graph's either way.)
         left_float = self._left_float
 
         def grouped(node: ir.Node) -> bool:
