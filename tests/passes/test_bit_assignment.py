@@ -21,7 +21,7 @@ from onnxopt.mixed import BitAssignmentResult, fake_quantize
 from onnxopt.pass_infra import PassContext, PassManager
 from onnxopt.recipe import load_preset
 from tests.passes.helpers import init, make_model, ort_run, vi
-from tests.passes.test_significance import three_layer_model
+from tests.passes.test_significance import three_layer_model, with_static_batch
 
 
 def chain_model(widths: list[int]):
@@ -142,25 +142,12 @@ def test_sixteen_bit_weights_and_unnamed_nodes(tmp_path):
     np.testing.assert_allclose(ort_run(q, {"x": x})[0], ref, rtol=0, atol=0.05 * np.abs(ref).max())
 
 
-def test_max_accuracy_drop_budget():
+@pytest.mark.parametrize("static_batch", [False, True], ids=["dynamic-batch", "batch-1"])
+def test_max_accuracy_drop_budget(static_batch):
+    """With a literal batch dim of 1 the accuracy checks run one sample at a time, same outcome."""
     model, x = three_layer_model()
-    labels = ort_run(model, {"x": x})[0].argmax(1).astype(np.int64)
-    ctx = PassContext(calibration=from_arrays({"x": x}, model), calibration_labels=labels)
-    res = PassManager([Significance(SignificanceConfig(), ctx),
-                       BitAssignment(BitAssignmentConfig(max_accuracy_drop_pt=0.0), ctx)]
-                      ).run(model).results[-1]
-    v = res.details["verification"]
-    assert v["reference_top1_pct"] == 100.0 and v["top1_drop_pt"] == 0.0
-    # the cheapest exact assignment: only the sensitive layer upgraded (int8 still flips near-tied logits)
-    assert res.weight_bits == {"easy1": 4, "hard": 16, "easy3": 4} and v["upgrades"] == 2
-
-
-def test_max_accuracy_drop_budget_on_a_static_batch_model():
-    """The accuracy checks run one sample at a time on a model whose batch dim is a literal 1, with the
-    same outcome as the dynamic-batch model's."""
-    model, x = three_layer_model()
-    for v in (model.graph.input[0], model.graph.output[0]):
-        v.type.tensor_type.shape.dim[0].dim_value = 1
+    if static_batch:
+        model = with_static_batch(model)
     labels = np.concatenate([ort_run(model, {"x": x[i:i + 1]})[0] for i in range(len(x))]).argmax(1)
     ctx = PassContext(calibration=from_arrays({"x": x}, model), calibration_labels=labels.astype(np.int64))
     res = PassManager([Significance(SignificanceConfig(), ctx),
@@ -168,6 +155,7 @@ def test_max_accuracy_drop_budget_on_a_static_batch_model():
                       ).run(model).results[-1]
     v = res.details["verification"]
     assert v["reference_top1_pct"] == 100.0 and v["top1_drop_pt"] == 0.0
+    # the cheapest exact assignment: only the sensitive layer upgraded (int8 still flips near-tied logits)
     assert res.weight_bits == {"easy1": 4, "hard": 16, "easy3": 4} and v["upgrades"] == 2
 
 

@@ -40,6 +40,15 @@ def three_layer_model():
     return model, x
 
 
+def with_static_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose input and output batch dim is a literal 1 (as YOLOX-Nano's export has it)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for v in (fixed.graph.input[0], fixed.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    return fixed
+
+
 def run_significance(model, x, labels=None, **cfg):
     ctx = PassContext(calibration=from_arrays({"x": x}, model), calibration_labels=labels)
     return PassManager([Significance(SignificanceConfig(**cfg), ctx)]).run(model).results[-1]
@@ -71,12 +80,8 @@ def test_static_batch_model_is_scored_one_sample_at_a_time():
     """An export with a literal batch dim of 1 (YOLOX-Nano's) used to fail: the scoring data was cut into
     batches of ``batch_size`` regardless. Scores equal the dynamic-batch model's."""
     model, x = three_layer_model()
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    for v in (fixed.graph.input[0], fixed.graph.output[0]):
-        v.type.tensor_type.shape.dim[0].dim_value = 1
     dynamic = run_significance(model, x, max_samples=12).scores
-    static = run_significance(fixed, x, max_samples=12).scores
+    static = run_significance(with_static_batch(model), x, max_samples=12).scores
     assert set(static) == {"easy1", "hard", "easy3"} and static["hard"] > 1e-3
     for k, v in dynamic.items():
         assert static[k] == pytest.approx(v, rel=1e-4, abs=1e-9)
